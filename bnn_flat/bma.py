@@ -1,0 +1,278 @@
+r"""Bayesian model averaging over a stack of posterior samples.
+
+For samples :math:`\theta_1, \dots, \theta_S` the BMA predictive is
+
+.. math:: \bar p(y \mid x) = \frac{1}{S}\sum_{s=1}^S p(y \mid x, \theta_s),
+          \qquad \log \bar p = \operatorname{logsumexp}_s \log p(y \mid x, \theta_s) - \log S,
+
+computed in log space throughout. A *sample* is any pytree with a leading axis of size
+``S``: stacked parameters, ``(params, model_state)`` pairs (ensembles, SWAG with
+re-estimated BatchNorm statistics), or dropout keys (MC dropout). The caller supplies
+``predict_fn(sample, inputs) -> outputs``; :func:`model_predict_fn` builds it from a model.
+
+Strategies to map over samples:
+
+* ``"vmap"``: all samples at once (fastest for dense models, memory ``S x``);
+* ``"map"``: ``lax.map``, one sample at a time (bounded memory);
+* ``"chunked"``: ``lax.map`` over chunks of ``chunk_size`` samples, ``vmap`` inside;
+* ``"auto"``: ``"map"`` for convolutional models on CPU, where ``vmap`` over convolution
+  weights lowers to grouped convolutions that XLA:CPU runs several times slower than a
+  sequence of ordinary ones (measured in ``experiments/bench_bma.py``), else ``"vmap"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bnn_flat.types import ApplyFn, ModelState, Posterior, PRNGKey
+
+__all__ = [
+    "STRATEGIES",
+    "choose_strategy",
+    "map_samples",
+    "predict",
+    "predict_regression",
+    "model_predict_fn",
+    "posterior_predictive",
+]
+
+STRATEGIES = ("auto", "vmap", "map", "chunked")
+
+
+def choose_strategy(samples: Any, backend: str | None = None) -> str:
+    """The ``"auto"`` choice: ``"map"`` on CPU when any sample leaf is a conv kernel.
+
+    Args:
+      samples: stacked samples (a leaf with ``ndim == 5`` is a stacked 4-D conv kernel).
+      backend: ``jax.default_backend()`` when ``None``.
+
+    Returns:
+      ``"vmap"`` or ``"map"``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> choose_strategy({"w": jnp.zeros((8, 3, 3, 1, 4))}, backend="cpu")
+      'map'
+    """
+    backend = backend or jax.default_backend()
+    has_conv = any(getattr(x, "ndim", 0) == 5 for x in jax.tree.leaves(samples))
+    return "map" if (backend == "cpu" and has_conv) else "vmap"
+
+
+def _num_samples(samples: Any) -> int:
+    leaves = jax.tree.leaves(samples)
+    if not leaves:
+        raise ValueError("samples is empty: expected a pytree with a leading sample axis.")
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"every sample leaf needs the same leading sample axis; got sizes {sizes}."
+        )
+    (size,) = sizes
+    if size == 0:
+        raise ValueError("samples has zero samples.")
+    return size
+
+
+def map_samples(
+    fn: Callable[[Any], Any],
+    samples: Any,
+    *,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+) -> Any:
+    """Applies ``fn`` to every sample with the chosen strategy; outputs stacked on axis 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> map_samples(lambda w: 2 * w, jnp.arange(3.0), strategy="map")
+      Array([0., 2., 4.], dtype=float32)
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    num = _num_samples(samples)
+    if strategy == "auto":
+        strategy = choose_strategy(samples)
+    if strategy == "vmap":
+        return jax.vmap(fn)(samples)
+    if strategy == "map":
+        return jax.lax.map(fn, samples)
+    if chunk_size is None or chunk_size < 1:
+        raise ValueError(f"strategy 'chunked' needs chunk_size >= 1, got {chunk_size}.")
+    return jax.lax.map(fn, samples, batch_size=min(chunk_size, num))
+
+
+def predict(
+    predict_fn: Callable[[Any, jax.Array], jax.Array],
+    samples: Any,
+    inputs: jax.Array,
+    *,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+    return_members: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log of the BMA predictive for classification: ``logsumexp_s log_softmax - log S``.
+
+    Args:
+      predict_fn: ``(sample, inputs) -> logits`` of shape ``(N, C)``.
+      samples: pytree with a leading axis of ``S`` samples.
+      inputs: ``(N, ...)`` inputs.
+      strategy: ``"auto"``, ``"vmap"``, ``"map"`` or ``"chunked"``.
+      chunk_size: samples per chunk for ``"chunked"``.
+      return_members: also return the per-sample log-probabilities ``(S, N, C)`` (for mutual
+        information and disagreement).
+
+    Returns:
+      ``(N, C)`` log-probabilities of the averaged predictive (and the members if asked).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> fn = lambda w, x: x @ w
+      >>> samples = jnp.stack([jnp.eye(2), jnp.eye(2)])   # two identical samples
+      >>> log_p = predict(fn, samples, jnp.array([[1.0, 0.0]]))
+      >>> bool(jnp.allclose(log_p, jax.nn.log_softmax(jnp.array([[1.0, 0.0]]))))
+      True
+    """
+    num = _num_samples(samples)
+    member_log_probs = map_samples(
+        lambda s: jax.nn.log_softmax(predict_fn(s, inputs), axis=-1),
+        samples,
+        strategy=strategy,
+        chunk_size=chunk_size,
+    )
+    log_probs = jax.scipy.special.logsumexp(member_log_probs, axis=0) - math.log(num)
+    if return_members:
+        return log_probs, member_log_probs
+    return log_probs
+
+
+def predict_regression(
+    predict_fn: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]],
+    samples: Any,
+    inputs: jax.Array,
+    targets: jax.Array | None = None,
+    *,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+) -> dict[str, jax.Array]:
+    r"""BMA for Gaussian regression: an equal-weight mixture of per-sample Gaussians.
+
+    Args:
+      predict_fn: ``(sample, inputs) -> (mean, std)``, each ``(N, D)``.
+      samples: pytree with a leading axis of ``S`` samples.
+      inputs: ``(N, ...)`` inputs.
+      targets: optional ``(N, D)`` targets for the log predictive density.
+      strategy: see :func:`map_samples`.
+      chunk_size: samples per chunk for ``"chunked"``.
+
+    Returns:
+      dict with the mixture ``mean`` and ``variance`` (law of total variance) and, when
+      ``targets`` is given, ``log_density``: ``(N,)`` values of
+      :math:`\log \tfrac1S\sum_s N(y; \mu_s, \sigma_s^2)` summed over output dimensions.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fn = lambda w, x: (x * w, jnp.ones_like(x))
+      >>> out = predict_regression(fn, jnp.array([1.0, 3.0]), jnp.ones((1, 1)))
+      >>> float(out["mean"][0, 0]), float(out["variance"][0, 0])
+      (2.0, 2.0)
+    """
+    num = _num_samples(samples)
+    means, stds = map_samples(
+        lambda s: predict_fn(s, inputs), samples, strategy=strategy, chunk_size=chunk_size
+    )
+    mean = means.mean(axis=0)
+    variance = jnp.mean(stds**2, axis=0) + jnp.mean((means - mean) ** 2, axis=0)
+    out = {"mean": mean, "variance": variance}
+    if targets is not None:
+        targets = targets.reshape(mean.shape)
+        z = (targets - means) / stds
+        log_n = -0.5 * z**2 - jnp.log(stds) - 0.5 * math.log(2 * math.pi)
+        out["log_density"] = (
+            jax.scipy.special.logsumexp(log_n.sum(axis=-1), axis=0) - math.log(num)
+        )
+    return out
+
+
+def model_predict_fn(
+    apply_fn: ApplyFn,
+    model_state: ModelState | None = None,
+    *,
+    per_sample_state: bool = False,
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """``predict_fn`` from a model in eval mode.
+
+    Args:
+      apply_fn: model in the bnn_flat contract.
+      model_state: model state shared by all samples (ignored with ``per_sample_state``).
+      per_sample_state: samples are ``(params, model_state)`` pairs.
+
+    Returns:
+      ``predict_fn(sample, inputs) -> outputs``.
+
+    Example:
+      >>> apply = lambda p, s, x, *, train, key: (x @ p, s)
+      >>> fn = model_predict_fn(apply, {})
+    """
+    if per_sample_state:
+        return lambda sample, x: apply_fn(sample[0], sample[1], x, train=False, key=None)[0]
+    state = {} if model_state is None else model_state
+    return lambda params, x: apply_fn(params, state, x, train=False, key=None)[0]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("posterior", "apply_fn", "num_samples", "strategy", "chunk_size")
+)
+def posterior_predictive(
+    key: PRNGKey,
+    posterior: Posterior,
+    state: Any,
+    apply_fn: ApplyFn,
+    inputs: jax.Array,
+    *,
+    num_samples: int,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Draws samples inside jit and returns the BMA log-predictive and the members'.
+
+    For an ensemble state (:class:`bnn_flat.posteriors.ensemble.EnsembleState`) each
+    member's samples use that member's model state, and ``num_samples`` is per member.
+
+    Args:
+      key: PRNG key for sampling.
+      posterior: the family (hashable NamedTuple of functions; static under jit).
+      state: the family's state.
+      apply_fn: model in the bnn_flat contract (static).
+      inputs: ``(N, ...)`` inputs.
+      num_samples: samples to draw (per member for ensembles).
+      strategy: see :func:`map_samples`.
+      chunk_size: for ``"chunked"``.
+
+    Returns:
+      ``(log_probs (N, C), member_log_probs (S, N, C))``.
+    """
+    from bnn_flat.posteriors import ensemble
+
+    samples = posterior.sample(key, state, num_samples)
+    if isinstance(state, ensemble.EnsembleState):
+        stacked_states = ensemble.member_model_states(state, num_samples)
+        fn = model_predict_fn(apply_fn, per_sample_state=True)
+        return predict(
+            fn,
+            (samples, stacked_states),
+            inputs,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            return_members=True,
+        )
+    fn = model_predict_fn(apply_fn, state.model_state)
+    return predict(
+        fn, samples, inputs, strategy=strategy, chunk_size=chunk_size, return_members=True
+    )
