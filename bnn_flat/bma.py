@@ -194,9 +194,7 @@ def predict_regression(
         targets = targets.reshape(mean.shape)
         z = (targets - means) / stds
         log_n = -0.5 * z**2 - jnp.log(stds) - 0.5 * math.log(2 * math.pi)
-        out["log_density"] = (
-            jax.scipy.special.logsumexp(log_n.sum(axis=-1), axis=0) - math.log(num)
-        )
+        out["log_density"] = jax.scipy.special.logsumexp(log_n.sum(axis=-1), axis=0) - math.log(num)
     return out
 
 

@@ -7,9 +7,10 @@ Every family in bnn_flat minimises the **per-datum negative log joint**
     U(\theta) = -\frac{1}{B}\sum_{i \in \text{batch}} \log p(y_i \mid x_i, \theta)
                 - \frac{1}{N}\log p(\theta),
 
-an unbiased estimate of :math:`-\tfrac{1}{N}\log p(\theta, \mathcal{D})` (up to a constant),
-where :math:`N` is the number of training examples. So ``loss * N`` equals the negative log
-joint of the full data set, and the (tempered) posterior targeted by sampling families is
+an unbiased estimate of :math:`-\tfrac{1}{N}\log p(\theta, \mathcal{D})`, where :math:`N` is
+the number of training examples. So ``loss * N`` on the full data set equals the negative log
+joint up to the prior's normalising constant (which the loss drops), and the (tempered)
+posterior targeted by sampling families is
 
 .. math::
 
@@ -113,11 +114,14 @@ def gaussian_log_prior(params: Params, precision: float | jax.Array = 1.0) -> ja
       >>> round(float(gaussian_log_prior({"w": jnp.zeros(2)}, 1.0)), 4)  # -log(2 pi)
       -1.8379
     """
-    leaves = jax.tree.leaves(params)
-    sq_norm = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
-    dim = sum(x.size for x in leaves)
+    sq_norm = _sum_of_squares(params)
+    dim = sum(x.size for x in jax.tree.leaves(params))
     precision = jnp.asarray(precision, jnp.float32)
     return -0.5 * precision * sq_norm + 0.5 * dim * (jnp.log(precision) - math.log(2 * math.pi))
+
+
+def _sum_of_squares(params: Params) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
 
 
 def weight_decay_to_prior_precision(weight_decay: float, num_data: int) -> float:
@@ -141,7 +145,7 @@ def make_loss(
     prior_precision: float = 0.0,
     metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
 ) -> LossFn:
-    r"""Builds the per-datum objective :math:`U = -\overline{\log p(y|x,\theta)} - \log p(\theta)/N`.
+    r"""Builds the per-datum objective :math:`-\overline{\log p(y|x,\theta)} - \log p(\theta)/N`.
 
     Args:
       apply_fn: model in the contract ``apply(params, model_state, inputs, *, train, key)``.
@@ -180,7 +184,9 @@ def make_loss(
         nll = -jnp.mean(log_lik)
         loss = nll
         if prior_precision:
-            loss = loss - gaussian_log_prior(params, prior_precision) / num_data
+            # The normalising constant of the prior is dropped: it does not depend on the
+            # parameters and would dominate the reported loss of large models.
+            loss = loss + 0.5 * prior_precision * _sum_of_squares(params) / num_data
         metrics = {"nll": nll}
         if metrics_fn is not None:
             metrics.update(metrics_fn(outputs, batch["labels"]))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnn_flat.data.batching import epoch_batches
 from bnn_flat.types import Posterior, PRNGKey
 
 __all__ = [
@@ -67,16 +68,6 @@ class FitResult(NamedTuple):
     resumed_from: int
 
 
-def _shuffle_batches(key: PRNGKey, inputs: jax.Array, labels: jax.Array, batch_size: int):
-    num = inputs.shape[0]
-    num_batches = num // batch_size
-    perm = jax.random.permutation(key, num)[: num_batches * batch_size]
-    return {
-        "inputs": inputs[perm].reshape(num_batches, batch_size, *inputs.shape[1:]),
-        "labels": labels[perm].reshape(num_batches, batch_size, *labels.shape[1:]),
-    }
-
-
 def make_epoch_fn(posterior: Posterior, batch_size: int) -> Callable:
     """A jitted ``epoch(state, key, inputs, labels) -> (state, metrics)``.
 
@@ -98,7 +89,7 @@ def make_epoch_fn(posterior: Posterior, batch_size: int) -> Callable:
     @functools.partial(jax.jit, donate_argnums=(0,))
     def epoch(state, key, inputs, labels):
         shuffle_key, step_key = jax.random.split(key)
-        batches = _shuffle_batches(shuffle_key, inputs, labels, batch_size)
+        batches = epoch_batches(shuffle_key, inputs, labels, batch_size)
         num_batches = batches["labels"].shape[0]
         keys = jax.random.split(step_key, num_batches)
 
@@ -267,9 +258,7 @@ def fit(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if checkpointer is not None and (
-                epoch % checkpoint_every == 0 or epoch == num_epochs
-            ):
+            if checkpointer is not None and (epoch % checkpoint_every == 0 or epoch == num_epochs):
                 checkpointer.save(epoch, state, history)
                 last_good = epoch
             if stop_after is not None and epoch >= stop_after:

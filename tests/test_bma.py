@@ -35,21 +35,27 @@ def test_bma_equals_log_of_mean_probabilities():
     x = jax.random.normal(jax.random.key(3), (10, 2))
     log_probs = bma.predict(_predict_fn, samples, x)
     probs = np.mean(
-        [jax.nn.softmax(_predict_fn(jax.tree.map(lambda a: a[s], samples), x)) for s in range(5)],
+        [
+            jax.nn.softmax(_predict_fn(jax.tree.map(lambda a, s=s: a[s], samples), x))
+            for s in range(5)
+        ],
         axis=0,
     )
     np.testing.assert_allclose(np.exp(log_probs), probs, rtol=1e-5)
     np.testing.assert_allclose(np.exp(log_probs).sum(-1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy, chunk", [("vmap", None), ("map", None), ("chunked", 3), ("auto", None)])
+@pytest.mark.parametrize(
+    "strategy, chunk", [("vmap", None), ("map", None), ("chunked", 3), ("auto", None)]
+)
 def test_strategies_agree(strategy, chunk):
     samples = _samples(8)
     x = jax.random.normal(jax.random.key(3), (10, 2))
     reference = bma.predict(_predict_fn, samples, x, strategy="vmap")
     got, members = jax.jit(
-        lambda s, x: bma.predict(_predict_fn, s, x, strategy=strategy, chunk_size=chunk,
-                                 return_members=True)
+        lambda s, x: bma.predict(
+            _predict_fn, s, x, strategy=strategy, chunk_size=chunk, return_members=True
+        )
     )(samples, x)
     np.testing.assert_allclose(got, reference, atol=1e-5)
     assert members.shape == (8, 10, 3)
@@ -65,8 +71,9 @@ def test_regression_mixture_moments_and_density():
     means = jnp.array([0.0, 2.0, 5.0])
     stds = jnp.array([1.0, 0.5, 2.0])
     fn = lambda s, x: (jnp.full((1, 1), s[0]), jnp.full((1, 1), s[1]))
-    out = bma.predict_regression(fn, jnp.stack([means, stds], 1), jnp.zeros((1, 1)),
-                                 targets=jnp.array([[1.0]]))
+    out = bma.predict_regression(
+        fn, jnp.stack([means, stds], 1), jnp.zeros((1, 1)), targets=jnp.array([[1.0]])
+    )
     np.testing.assert_allclose(out["mean"][0, 0], means.mean(), rtol=1e-6)
     expected_var = np.mean(stds**2) + np.var(means)
     np.testing.assert_allclose(out["variance"][0, 0], expected_var, rtol=1e-6)
@@ -91,8 +98,13 @@ def test_posterior_predictive_for_point_and_ensemble(blobs):
     )
     expected = [
         jax.nn.log_softmax(
-            bn_mlp_apply(jax.tree.map(lambda a: a[m], stacked), {"mean": means[m]}, inputs[:10],
-                         train=False, key=None)[0]
+            bn_mlp_apply(
+                jax.tree.map(lambda a, m=m: a[m], stacked),
+                {"mean": means[m]},
+                inputs[:10],
+                train=False,
+                key=None,
+            )[0]
         )
         for m in range(3)
     ]

@@ -87,8 +87,9 @@ def test_grad_fn_never_updates_model_state_and_dropout_modes(blobs):
 
     # 'same' mask: grad_fn at the same params reproduces the clean gradient exactly, and the
     # returned model state is the clean pass's one (updated once, not twice).
-    same = point.build(loss_fn, optax.chain(_regrad_transform(), optax.sgd(1.0)),
-                       perturbed_dropout="same")
+    same = point.build(
+        loss_fn, optax.chain(_regrad_transform(), optax.sgd(1.0)), perturbed_dropout="same"
+    )
     state, _ = same.update(key, same.init(params, model_state), batch)
     expected = jax.tree.map(lambda p, g: p - g, params, clean_grads)
     for name in params:
@@ -115,21 +116,24 @@ def test_ensemble_under_vmap_equals_members_trained_one_by_one(blobs):
     stacked = jax.vmap(_bn_params)(keys)
     stacked_state = {"mean": jnp.zeros((num_members, 8))}
     state = family.init(stacked, stacked_state)
-    singles = [
-        member_family.init(_bn_params(k), {"mean": jnp.zeros(8)}) for k in keys
-    ]
+    singles = [member_family.init(_bn_params(k), {"mean": jnp.zeros(8)}) for k in keys]
     update = jax.jit(family.update)
     single_update = jax.jit(member_family.update)
     for step in range(4):
-        batch = {"inputs": inputs[step * 50 : step * 50 + 50], "labels": labels[step * 50 : step * 50 + 50]}
+        batch = {
+            "inputs": inputs[step * 50 : step * 50 + 50],
+            "labels": labels[step * 50 : step * 50 + 50],
+        }
         key = jax.random.key(100 + step)
         state, info = update(key, state, batch)
         member_keys = jax.random.split(key, num_members)
-        singles = [single_update(k, s, batch)[0] for k, s in zip(member_keys, singles)]
+        singles = [single_update(k, s, batch)[0] for k, s in zip(member_keys, singles, strict=True)]
     for m, single in enumerate(singles):
         for name in single.params:
             np.testing.assert_allclose(state.params[name][m], single.params[name], atol=1e-5)
-        np.testing.assert_allclose(state.model_state["mean"][m], single.model_state["mean"], atol=1e-5)
+        np.testing.assert_allclose(
+            state.model_state["mean"][m], single.model_state["mean"], atol=1e-5
+        )
     assert int(state.step) == 4
     assert info.loss.shape == (num_members,)
     samples = family.sample(jax.random.key(1), state, 2)

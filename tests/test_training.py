@@ -37,19 +37,39 @@ def test_crash_and_resume_equals_uninterrupted_run(blobs, tmp_path):
     key = jax.random.key(7)
     full = training.fit(key, family, state, blobs, num_epochs=6, batch_size=32, progress=False)
     ckpt = str(tmp_path / "ckpt")
-    first = training.fit(key, family, state, blobs, num_epochs=6, batch_size=32,
-                         checkpoint_dir=ckpt, checkpoint_every=2, stop_after=3, progress=False)
+    first = training.fit(
+        key,
+        family,
+        state,
+        blobs,
+        num_epochs=6,
+        batch_size=32,
+        checkpoint_dir=ckpt,
+        checkpoint_every=2,
+        stop_after=3,
+        progress=False,
+    )
     assert first.resumed_from == 0 and len(first.history) == 3
     # "crash" after epoch 3: the newest checkpoint is epoch 2; epoch 3 is redone.
-    resumed = training.fit(key, family, state, blobs, num_epochs=6, batch_size=32,
-                           checkpoint_dir=ckpt, checkpoint_every=2, progress=False)
+    resumed = training.fit(
+        key,
+        family,
+        state,
+        blobs,
+        num_epochs=6,
+        batch_size=32,
+        checkpoint_dir=ckpt,
+        checkpoint_every=2,
+        progress=False,
+    )
     assert resumed.resumed_from == 2
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
     for name in full.state.params:
         np.testing.assert_array_equal(resumed.state.params[name], full.state.params[name])
     np.testing.assert_array_equal(resumed.state.model_state["mean"], full.state.model_state["mean"])
-    np.testing.assert_array_equal(resumed.state.opt_state[0].trace["w1"],
-                                  full.state.opt_state[0].trace["w1"])
+    np.testing.assert_array_equal(
+        resumed.state.opt_state[0].trace["w1"], full.state.opt_state[0].trace["w1"]
+    )
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
 
 
@@ -64,8 +84,16 @@ def test_non_finite_loss_raises_and_keeps_last_good_checkpoint(blobs, tmp_path):
     state = family.init({"w": jnp.ones((1, 1))}, {})
     ckpt = tmp_path / "ckpt"
     with pytest.raises(training.NonFiniteLossError, match="last good checkpoint"):
-        training.fit(jax.random.key(0), family, state, (inputs, targets), num_epochs=50,
-                     batch_size=30, checkpoint_dir=str(ckpt), progress=False)
+        training.fit(
+            jax.random.key(0),
+            family,
+            state,
+            (inputs, targets),
+            num_epochs=50,
+            batch_size=30,
+            checkpoint_dir=str(ckpt),
+            progress=False,
+        )
     kept = training.Checkpointer(str(ckpt))
     epoch = kept.latest_epoch()
     assert epoch is not None and epoch >= 1
@@ -79,11 +107,22 @@ def test_fit_evaluates_and_logs(blobs):
     family, state = _setup()
     records = []
     eval_fn = lambda s: {"norm": jnp.linalg.norm(s.params["w1"])}
-    result = training.fit(jax.random.key(0), family, state, blobs, num_epochs=4, batch_size=50,
-                          eval_fn=eval_fn, eval_every=2, log_fn=records.append, progress=False)
+    result = training.fit(
+        jax.random.key(0),
+        family,
+        state,
+        blobs,
+        num_epochs=4,
+        batch_size=50,
+        eval_fn=eval_fn,
+        eval_every=2,
+        log_fn=records.append,
+        progress=False,
+    )
     assert [("eval_norm" in r) for r in records] == [False, True, False, True]
-    np.testing.assert_allclose(records[-1]["eval_norm"], jnp.linalg.norm(result.state.params["w1"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        records[-1]["eval_norm"], jnp.linalg.norm(result.state.params["w1"]), rtol=1e-6
+    )
 
 
 def test_fit_trains_a_deep_ensemble(blobs):
@@ -91,8 +130,15 @@ def test_fit_trains_a_deep_ensemble(blobs):
     family = ensemble.build(point.build(loss_fn, optax.sgd(0.5)))
     keys = jax.random.split(jax.random.key(0), 3)
     params = jax.vmap(lambda k: {"w": jax.random.normal(k, (2, 3)), "b": jnp.zeros(3)})(keys)
-    result = training.fit(jax.random.key(1), family, family.init(params, {}), blobs,
-                          num_epochs=5, batch_size=50, progress=False)
+    result = training.fit(
+        jax.random.key(1),
+        family,
+        family.init(params, {}),
+        blobs,
+        num_epochs=5,
+        batch_size=50,
+        progress=False,
+    )
     assert result.history[-1]["accuracy"] > 0.9
     assert result.state.params["w"].shape == (3, 2, 3)
 
@@ -101,14 +147,36 @@ def test_bad_data_is_rejected(blobs):
     family, state = _setup()
     inputs, labels = blobs
     with pytest.raises(ValueError, match="empty"):
-        training.fit(jax.random.key(0), family, state, (inputs[:0], labels[:0]), num_epochs=1,
-                     batch_size=1, progress=False)
+        training.fit(
+            jax.random.key(0),
+            family,
+            state,
+            (inputs[:0], labels[:0]),
+            num_epochs=1,
+            batch_size=1,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="disagree"):
-        training.fit(jax.random.key(0), family, state, (inputs, labels[:10]), num_epochs=1,
-                     batch_size=5, progress=False)
+        training.fit(
+            jax.random.key(0),
+            family,
+            state,
+            (inputs, labels[:10]),
+            num_epochs=1,
+            batch_size=5,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="NaN"):
-        training.fit(jax.random.key(0), family, state, (inputs.at[0, 0].set(jnp.nan), labels),
-                     num_epochs=1, batch_size=5, progress=False)
+        training.fit(
+            jax.random.key(0),
+            family,
+            state,
+            (inputs.at[0, 0].set(jnp.nan), labels),
+            num_epochs=1,
+            batch_size=5,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="batch_size"):
-        training.fit(jax.random.key(0), family, state, blobs, num_epochs=1, batch_size=1000,
-                     progress=False)
+        training.fit(
+            jax.random.key(0), family, state, blobs, num_epochs=1, batch_size=1000, progress=False
+        )

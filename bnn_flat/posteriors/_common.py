@@ -11,9 +11,7 @@ _PERTURBED_DROPOUT = ("fresh", "same")
 
 def check_perturbed_dropout(value: str) -> str:
     if value not in _PERTURBED_DROPOUT:
-        raise ValueError(
-            f"perturbed_dropout must be one of {_PERTURBED_DROPOUT}, got {value!r}."
-        )
+        raise ValueError(f"perturbed_dropout must be one of {_PERTURBED_DROPOUT}, got {value!r}.")
     return value
 
 

@@ -98,18 +98,14 @@ def build(family: Posterior) -> Posterior:
                 f"axis; got leading sizes {sorted(map(str, sizes))}."
             )
         if stacked_model_state is None or not jax.tree.leaves(stacked_model_state):
-            members = jax.vmap(lambda p: family.init(p, stacked_model_state or {}))(
-                stacked_params
-            )
+            members = jax.vmap(lambda p: family.init(p, stacked_model_state or {}))(stacked_params)
         else:
             members = jax.vmap(family.init)(stacked_params, stacked_model_state)
         return EnsembleState(members=members)
 
     def update_fn(key: PRNGKey, state: EnsembleState, batch: Batch) -> tuple[EnsembleState, Info]:
         keys = jax.random.split(key, num_members(state))
-        members, info = jax.vmap(family.update, in_axes=(0, 0, None))(
-            keys, state.members, batch
-        )
+        members, info = jax.vmap(family.update, in_axes=(0, 0, None))(keys, state.members, batch)
         return EnsembleState(members=members), info
 
     def sample_fn(key: PRNGKey, state: EnsembleState, num_samples: int) -> Params:

@@ -83,9 +83,7 @@ def build(
         return init(params, model_state, optimizer)
 
     def update_fn(key: PRNGKey, state: PointState, batch: Batch) -> tuple[PointState, Info]:
-        return update(
-            key, state, batch, loss_fn, optimizer, perturbed_dropout=perturbed_dropout
-        )
+        return update(key, state, batch, loss_fn, optimizer, perturbed_dropout=perturbed_dropout)
 
     return Posterior(init=init_fn, update=update_fn, sample=sample, log_prob=None)
 
@@ -138,6 +136,4 @@ def sample(key: PRNGKey, state: PointState, num_samples: int) -> Params:
     signature.
     """
     del key
-    return jax.tree.map(
-        lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)), state.params
-    )
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)), state.params)

@@ -1,0 +1,79 @@
+"""End-to-end: the main job on a tiny configuration, and its config validation."""
+
+import json
+import os
+
+import pytest
+
+from experiments import train
+from experiments.configs import default
+
+
+def _tiny_config():
+    config = default.get_config()
+    config.train.num_epochs = 3
+    config.model.hidden_sizes = (32,)
+    config.ensemble.num_members = 2
+    config.data.shift_kinds = ("rotation", "noise")
+    config.data.shift_severities = (5,)
+    config.methods = ("map", "deep_ensemble", "f_map")
+    return config
+
+
+@pytest.mark.slow
+def test_main_job_writes_its_outputs(tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = train.run(_tiny_config(), workdir)
+    for name in ("config.json", "metrics.jsonl", "summary.json", "results.md", "reliability.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert set(summary) == {"map", "deep_ensemble", "f_map"}
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["map"]["test"]["accuracy"] == summary["map"]["test"]["accuracy"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 3 * 3 and {r["method"] for r in records} == set(summary)
+    for name, result in summary.items():
+        test = result["test"]
+        assert test["accuracy"] > 0.85, (name, test)  # 3 epochs already learn digits
+        for key in ("nll", "ece", "brier", "accuracy"):
+            assert 0 <= test[key] < 5
+        assert set(result["shifted"]) == {"rotation-5", "noise-5"}
+        # distribution shift is real: lower accuracy, higher NLL at severity 5
+        for shift in result["shifted"].values():
+            assert shift["accuracy"] < test["accuracy"]
+            assert shift["nll"] > test["nll"]
+            assert 0.5 < shift["ood_auroc"] <= 1.0
+        assert result["wall_seconds"] > 0
+    assert "mutual_information" in summary["deep_ensemble"]["test"]
+    with open(os.path.join(workdir, "results.md")) as f:
+        assert f.read().count("\n") == 2 + 3
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.train.__setattr__("learning_rate", -0.1), "learning_rate"),
+        (lambda c: c.__setattr__("methods", ()), "methods is empty"),
+        (lambda c: c.__setattr__("methods", ("map", "hmc")), "unknown method 'hmc'"),
+        (lambda c: c.model.__setattr__("name", "vgg"), "model.name"),
+        (lambda c: c.sam.__setattr__("rho", -1.0), "sam.rho"),
+        (lambda c: c.ensemble.__setattr__("num_members", 0), "num_members"),
+    ],
+)
+def test_invalid_configs_fail_before_training(tmp_path, edit, message):
+    config = _tiny_config()
+    edit(config)
+    with pytest.raises(train.ConfigError, match=message):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_unknown_keys_and_oversized_batches_are_rejected(tmp_path):
+    config = _tiny_config()
+    config.train.unlocked = True  # a typo-like unknown key
+    with pytest.raises(train.ConfigError, match="unknown config keys: train.unlocked"):
+        train.validate_config(config)
+    config = _tiny_config()
+    config.train.batch_size = 100_000
+    with pytest.raises(train.ConfigError, match="batch_size"):
+        train.run(config, str(tmp_path / "run"))
