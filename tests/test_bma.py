@@ -64,7 +64,8 @@ def test_strategies_agree(strategy, chunk):
 def test_choose_strategy():
     assert bma.choose_strategy({"w": jnp.zeros((4, 3, 3, 1, 8))}, backend="cpu") == "map"
     assert bma.choose_strategy({"w": jnp.zeros((4, 3, 3, 1, 8))}, backend="gpu") == "vmap"
-    assert bma.choose_strategy({"w": jnp.zeros((4, 3, 8))}, backend="cpu") == "vmap"
+    assert bma.choose_strategy({"w": jnp.zeros((4, 3, 8))}, backend="cpu") == "map"
+    assert bma.choose_strategy({"w": jnp.zeros((4, 3, 8))}, backend="tpu") == "vmap"
 
 
 def test_regression_mixture_moments_and_density():

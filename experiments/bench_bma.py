@@ -1,0 +1,99 @@
+"""BMA strategies side by side: which one should ``strategy="auto"`` pick on this backend?
+
+For each model, times (medians of warm runs, compile excluded) the BMA over ``S`` stacked
+samples with every strategy, and ``S`` separate calls of a jitted single forward pass (the
+"ideal": what a user's Python loop would cost). Prints ratios to the ideal and the strategy
+``auto`` resolves to.
+
+Run:
+  python -m experiments.bench_bma --num_samples=16 --repeats=5 [--json=OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bnn_flat import bma, models
+
+_MODELS = {
+    "mlp": (lambda: models.mlp([256, 256], num_outputs=10), (28, 28, 1)),
+    "lenet": (lambda: models.lenet(num_classes=10), (28, 28, 1)),
+    "resnet20": (lambda: models.resnet20(num_classes=10, norm="batch"), (32, 32, 3)),
+}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def bench_model(name: str, num_samples: int, batch_size: int, repeats: int) -> dict[str, float]:
+    make, shape = _MODELS[name]
+    module = make()
+    inputs = jax.random.normal(jax.random.key(0), (batch_size, *shape))
+    params, model_state = models.init_ensemble(module, jax.random.key(1), inputs[:1], num_samples)
+    apply_fn = models.make_apply(module)
+    # BatchNorm statistics per sample, as after SWAG's per-sample re-estimation.
+    predict_fn = bma.model_predict_fn(apply_fn, per_sample_state=True)
+    samples = (params, model_state)
+
+    single = jax.jit(lambda s, x: jax.nn.log_softmax(predict_fn(s, x)))
+    unstacked = [jax.tree.map(lambda a, i=i: a[i], samples) for i in range(num_samples)]
+
+    def ideal():
+        return [single(s, inputs) for s in unstacked]
+
+    result = {"ideal_seconds": _median_seconds(ideal, repeats)}
+    for strategy, chunk in (("vmap", None), ("map", None), ("chunked", 4), ("auto", None)):
+        fn = jax.jit(
+            lambda s, x, strategy=strategy, chunk=chunk: bma.predict(
+                predict_fn, s, x, strategy=strategy, chunk_size=chunk
+            )
+        )
+        seconds = _median_seconds(lambda fn=fn: fn(samples, inputs), repeats)
+        result[f"{strategy}_seconds"] = seconds
+        result[f"{strategy}_over_ideal"] = seconds / result["ideal_seconds"]
+    result["auto_choice"] = bma.choose_strategy(samples)
+    return result
+
+
+def main(argv=None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,lenet,resnet20")
+    parser.add_argument("--num_samples", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    results = {}
+    print(f"backend={jax.default_backend()} devices={jax.device_count()}")
+    print(
+        f"{'model':10s} {'ideal s':>9s} {'vmap':>7s} {'map':>7s} {'chunk4':>7s} {'auto':>7s}  auto="
+    )
+    for name in args.models.split(","):
+        r = bench_model(name, args.num_samples, args.batch_size, args.repeats)
+        results[name] = r
+        print(
+            f"{name:10s} {r['ideal_seconds']:9.4f} {r['vmap_over_ideal']:7.2f} "
+            f"{r['map_over_ideal']:7.2f} {r['chunked_over_ideal']:7.2f} "
+            f"{r['auto_over_ideal']:7.2f}  {r['auto_choice']}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
