@@ -1,20 +1,36 @@
 """bnn_flat: flat-posterior Bayesian deep learning in JAX.
 
-Three concepts: sharpness-aware and noise **transforms** (optax gradient transformations),
-**posterior families** (``Posterior(init, update, sample, log_prob)``), and **BMA**
-(log-space averaging over posterior samples).
+Three concepts: sharpness-aware and noise **transforms** (optax gradient transformations,
+:mod:`bnn_flat.transforms`), **posterior families** (``Posterior(init, update, sample,
+log_prob)``, :mod:`bnn_flat.posteriors`), and **BMA** (log-space averaging over posterior
+samples, :mod:`bnn_flat.bma`). Models, data, metrics, objectives and the training loop are
+the conventions around them.
 """
 
-from bnn_flat import bma, objectives, posteriors, training, types
+from bnn_flat import (
+    bma,
+    data,
+    metrics,
+    models,
+    objectives,
+    posteriors,
+    training,
+    transforms,
+    types,
+)
 from bnn_flat.types import Info, LossAux, Posterior
 
 __version__ = "0.1.0"
 
 __all__ = [
     "bma",
+    "data",
+    "metrics",
+    "models",
     "objectives",
     "posteriors",
     "training",
+    "transforms",
     "types",
     "Info",
     "LossAux",
