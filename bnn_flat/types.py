@@ -29,11 +29,15 @@ Extra-args contract
 -------------------
 A family calls its optimizer as::
 
-    optimizer.update(grads, opt_state, params, grad_fn=grad_fn, value=loss, key=subkey)
+    optimizer.update(grads, opt_state, params, grad_fn=grad_fn, split_grad_fn=split_grad_fn,
+                     value=loss, key=subkey)
 
 * ``grad_fn(params) -> grads`` evaluates the gradient of the same objective on the same
   batch at other parameters. It never updates BatchNorm statistics. Dropout inside it
   uses a fresh mask unless the family was built with ``perturbed_dropout="same"``.
+* ``split_grad_fn(stacked_params) -> stacked_grads`` (m-sharpness) splits the batch into
+  ``m`` equal sub-batches, ``m`` being the leading axis of ``stacked_params``, and returns
+  the gradient of sub-batch ``j`` at ``stacked_params[j]`` (vmapped).
 * ``value`` is the current loss (for transforms such as ``reduce_on_plateau``).
 * ``key`` is a fresh PRNG key for stochastic transforms. Transforms never keep keys in
   their state, so a vmapped ensemble of chains gets independent noise.

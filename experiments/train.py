@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from bnn_flat import bma, data, metrics, models, objectives, training
-from bnn_flat.posteriors import ensemble, point
+from bnn_flat import bma, data, metrics, models, objectives, training, transforms
+from bnn_flat.posteriors import bsam, ensemble, point
 
 __all__ = ["run", "validate_config", "METHODS", "ConfigError"]
 
@@ -36,18 +36,24 @@ class ConfigError(ValueError):
     """An invalid experiment configuration (raised before any training)."""
 
 
-def _sam_transform(config: ConfigDict) -> optax.GradientTransformation:
-    from bnn_flat import transforms
-
+def _sam(config: ConfigDict) -> optax.GradientTransformation:
     return transforms.sam(rho=config.sam.rho)
 
 
-# name -> (is_ensemble, sharpness-aware transform factory or None)
+def _asam(config: ConfigDict) -> optax.GradientTransformation:
+    return transforms.asam(rho=config.asam.rho, eta=config.asam.eta)
+
+
+# name -> (is_ensemble, sharpness-aware transform factory or None). "f_" marks the flat
+# version of a method: the same family with SAM in its optimizer chain. "bsam" is special:
+# a full optimizer with its own Gaussian posterior (see _build_family).
 METHODS: dict[str, tuple[bool, Callable[[ConfigDict], Any] | None]] = {
     "map": (False, None),
     "deep_ensemble": (True, None),
-    "f_map": (False, _sam_transform),
-    "f_deep_ensemble": (True, _sam_transform),
+    "f_map": (False, _sam),
+    "f_deep_ensemble": (True, _sam),
+    "asam_map": (False, _asam),
+    "bsam": (False, None),
 }
 
 _MODELS = ("mlp", "lenet", "resnet20")
@@ -106,8 +112,12 @@ def validate_config(config: ConfigDict) -> None:
         problems.append(f"data.name must be one of {_DATASETS}, got {config.data.get('name')!r}")
     if config.ensemble.num_members < 1:
         problems.append(f"ensemble.num_members must be >= 1, got {config.ensemble.num_members}")
-    if config.sam.rho < 0:
-        problems.append(f"sam.rho must be >= 0, got {config.sam.rho}")
+    for name in ("sam.rho", "asam.rho", "bsam.rho", "bsam.learning_rate", "bsam.damping"):
+        section, field = name.split(".")
+        if config[section][field] < 0:
+            problems.append(f"{name} must be >= 0, got {config[section][field]}")
+    if config.bma.num_samples < 1:
+        problems.append(f"bma.num_samples must be >= 1, got {config.bma.num_samples}")
     if not 0 <= config.model.dropout_rate < 1:
         problems.append(f"model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
     if problems:
@@ -162,9 +172,9 @@ def _optimizer(config: ConfigDict, steps: int, transform_factory) -> optax.Gradi
     return optax.chain(transform_factory(config), base)
 
 
-def _evaluate(key, family, state, apply_fn, test, shifted, config) -> dict[str, Any]:
+def _evaluate(key, family, state, apply_fn, test, shifted, config, num_samples):
     log_probs, members = bma.posterior_predictive(
-        key, family, state, apply_fn, jnp.asarray(test.inputs), num_samples=1
+        key, family, state, apply_fn, jnp.asarray(test.inputs), num_samples=num_samples
     )
     result = {
         "test": metrics.summary(
@@ -177,7 +187,7 @@ def _evaluate(key, family, state, apply_fn, test, shifted, config) -> dict[str, 
     shift_results = {}
     for name, dataset in shifted.items():
         shift_log_probs, shift_members = bma.posterior_predictive(
-            key, family, state, apply_fn, jnp.asarray(dataset.inputs), num_samples=1
+            key, family, state, apply_fn, jnp.asarray(dataset.inputs), num_samples=num_samples
         )
         summary = metrics.summary(shift_log_probs, dataset.labels, num_bins=config.eval.num_bins)
         ood = metrics.ood_metrics(
@@ -208,15 +218,31 @@ def _train_method(name, config, splits, shifted, workdir, log) -> dict[str, Any]
     num_classes = int(train.labels.max()) + 1
     module = _make_model(config, num_classes)
     apply_fn = models.make_apply(module)
-    loss_fn = objectives.classification_loss(
-        apply_fn,
-        num_data=num_train,
-        prior_precision=objectives.weight_decay_to_prior_precision(
-            config.train.weight_decay, num_train
-        ),
+    prior_precision = objectives.weight_decay_to_prior_precision(
+        config.train.weight_decay, num_train
     )
     steps = config.train.num_epochs * (num_train // config.train.batch_size)
-    family = point.build(loss_fn, _optimizer(config, steps, transform_factory))
+    num_samples = 1
+    if name == "bsam":
+        # bSAM adds the prior itself (decay prior_precision / N): likelihood-only loss.
+        loss_fn = objectives.classification_loss(apply_fn, num_data=num_train)
+        learning_rate = config.bsam.learning_rate
+        if config.train.schedule == "cosine":
+            learning_rate = optax.cosine_decay_schedule(learning_rate, steps)
+        optimizer = transforms.bsam(
+            learning_rate,
+            rho=config.bsam.rho,
+            num_data=num_train,
+            prior_precision=prior_precision,
+            damping=config.bsam.damping,
+        )
+        family = bsam.build(loss_fn, optimizer, num_data=num_train)
+        num_samples = config.bma.num_samples
+    else:
+        loss_fn = objectives.classification_loss(
+            apply_fn, num_data=num_train, prior_precision=prior_precision
+        )
+        family = point.build(loss_fn, _optimizer(config, steps, transform_factory))
     # Every method starts from the same initialisation and sees the same data order, so a
     # method and its flat version differ only by the transform (a paired comparison).
     init_key, fit_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -249,7 +275,7 @@ def _train_method(name, config, splits, shifted, workdir, log) -> dict[str, Any]
     jax.block_until_ready(result.state)
     train_seconds = time.perf_counter() - begin
     evaluation = _evaluate(
-        eval_key, family, result.state, apply_fn, splits["test"], shifted, config
+        eval_key, family, result.state, apply_fn, splits["test"], shifted, config, num_samples
     )
     evaluation["train_seconds"] = train_seconds
     evaluation["wall_seconds"] = time.perf_counter() - begin

@@ -147,3 +147,34 @@ def test_ensemble_rejects_unstacked_params():
     family = ensemble.build(point.build(lambda *a: (0.0, None), optax.sgd(0.1)))
     with pytest.raises(ValueError, match="leading member axis"):
         family.init({"w": jnp.zeros((3, 2)), "b": jnp.zeros((2,))}, {})
+
+
+def test_point_family_supports_m_sharpness(blobs):
+    """SAM with m sub-batches through the family: mean of per-sub-batch SAM gradients."""
+    from bnn_flat import transforms
+
+    inputs, labels = blobs
+    batch = {"inputs": inputs[:60], "labels": labels[:60]}
+    loss_fn = objectives.classification_loss(linear_apply, num_data=300, prior_precision=1.0)
+    rho, lr, m = 0.3, 0.5, 3
+    family = point.build(
+        loss_fn, optax.chain(transforms.sam(rho, num_sub_batches=m), optax.sgd(lr))
+    )
+    params = _linear_params(jax.random.key(0))
+    state, _ = jax.jit(family.update)(jax.random.key(1), family.init(params, {}), batch)
+
+    def sub_loss(p, j):
+        sub = jax.tree.map(lambda x: x[20 * j : 20 * (j + 1)], batch)
+        return loss_fn(p, {}, sub, None)[0]
+
+    perturbed_grads = []
+    for j in range(m):
+        g = jax.grad(sub_loss)(params, j)
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+        eps = jax.tree.map(lambda x: rho * x / norm, g)
+        perturbed_grads.append(jax.grad(sub_loss)(jax.tree.map(jnp.add, params, eps), j))
+    mean_grad = jax.tree.map(lambda *g: sum(g) / m, *perturbed_grads)
+    for name in params:
+        np.testing.assert_allclose(
+            state.params[name], params[name] - lr * mean_grad[name], rtol=1e-5, atol=1e-6
+        )

@@ -37,3 +37,32 @@ def make_grad_fn(
         return jax.grad(lambda p: loss_fn(p, model_state, batch, call_key)[0])(params)
 
     return grad_fn
+
+
+def make_split_grad_fn(
+    loss_fn: LossFn,
+    model_state: ModelState,
+    batch: Batch,
+    key: PRNGKey,
+    perturbed_dropout: str = "fresh",
+):
+    """The ``split_grad_fn`` extra argument (m-sharpness): per-sub-batch gradients, vmapped.
+
+    Sub-batch ``j`` uses the dropout key ``fold_in(key, j)`` (and, with ``"fresh"``, a new
+    fold per call). BatchNorm statistics are never updated.
+    """
+    from bnn_flat.transforms import make_split_grad_fn as _split
+
+    counter = [0]
+
+    def split_grad_fn(stacked_params):
+        counter[0] += 1
+        call_key = key if perturbed_dropout == "same" else jax.random.fold_in(key, counter[0])
+
+        def batch_grad_fn(params, sub_batch, index):
+            sub_key = jax.random.fold_in(call_key, index)
+            return jax.grad(lambda p: loss_fn(p, model_state, sub_batch, sub_key)[0])(params)
+
+        return _split(batch_grad_fn, batch)(stacked_params)
+
+    return split_grad_fn

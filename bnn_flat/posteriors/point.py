@@ -25,7 +25,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bnn_flat.posteriors._common import check_perturbed_dropout, make_grad_fn
+from bnn_flat.posteriors._common import (
+    check_perturbed_dropout,
+    make_grad_fn,
+    make_split_grad_fn,
+)
 from bnn_flat.types import Batch, Info, LossFn, ModelState, Params, Posterior, PRNGKey
 
 __all__ = ["PointState", "build", "init", "update", "sample"]
@@ -119,8 +123,17 @@ def update(
         state.params, state.model_state, batch, loss_key
     )
     grad_fn = make_grad_fn(loss_fn, state.model_state, batch, loss_key, perturbed_dropout)
+    split_grad_fn = make_split_grad_fn(
+        loss_fn, state.model_state, batch, loss_key, perturbed_dropout
+    )
     updates, opt_state = optimizer.update(
-        grads, state.opt_state, state.params, grad_fn=grad_fn, value=loss, key=transform_key
+        grads,
+        state.opt_state,
+        state.params,
+        grad_fn=grad_fn,
+        split_grad_fn=split_grad_fn,
+        value=loss,
+        key=transform_key,
     )
     params = optax.apply_updates(state.params, updates)
     new_state = PointState(

@@ -38,14 +38,27 @@ def get_config() -> ConfigDict:
     config.train.schedule = "cosine"  # cosine | constant
     config.train.checkpoint_every = 0  # epochs; 0 disables checkpoints
 
-    # Method names: map, deep_ensemble, and f_<name> for the SAM-trained ("flat") version.
-    config.methods = ("map", "deep_ensemble", "f_map", "f_deep_ensemble")
+    # Method names: map, deep_ensemble, f_<name> for the SAM-trained ("flat") version,
+    # asam_map (adaptive SAM) and bsam (Bayesian SAM with its Gaussian posterior).
+    config.methods = ("map", "deep_ensemble", "f_map", "f_deep_ensemble", "asam_map", "bsam")
 
     config.ensemble = ConfigDict()
     config.ensemble.num_members = 5
 
     config.sam = ConfigDict()
     config.sam.rho = 0.05
+
+    config.asam = ConfigDict()
+    config.asam.rho = 0.5
+    config.asam.eta = 0.01
+
+    config.bsam = ConfigDict()
+    config.bsam.learning_rate = 0.5  # the two-moons demo settings of the bSAM code
+    config.bsam.rho = 0.05
+    config.bsam.damping = 0.1
+
+    config.bma = ConfigDict()
+    config.bma.num_samples = 32  # for families with a sampling posterior (bsam)
 
     config.eval = ConfigDict()
     config.eval.num_bins = 15
