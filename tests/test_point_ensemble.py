@@ -171,7 +171,7 @@ def test_point_family_supports_m_sharpness(blobs):
     for j in range(m):
         g = jax.grad(sub_loss)(params, j)
         norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
-        eps = jax.tree.map(lambda x: rho * x / norm, g)
+        eps = jax.tree.map(lambda x, norm=norm: rho * x / norm, g)
         perturbed_grads.append(jax.grad(sub_loss)(jax.tree.map(jnp.add, params, eps), j))
     mean_grad = jax.tree.map(lambda *g: sum(g) / m, *perturbed_grads)
     for name in params:
