@@ -27,16 +27,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import make_moons
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from sklearn.datasets import make_moons  # noqa: E402
-
-from bnn_flat import bma, metrics, models, objectives, training, transforms  # noqa: E402
-from bnn_flat.posteriors import bsam  # noqa: E402
+from bnn_flat import bma, metrics, models, objectives, training, transforms
+from bnn_flat.posteriors import bsam
 
 
 def bernoulli_log_likelihood(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -57,6 +54,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_samples", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)  # the reference demo runs in float64
 
     inputs, labels = make_moons(100, noise=0.1, random_state=1)
     inputs = jnp.asarray(inputs, jnp.float64)

@@ -77,3 +77,31 @@ def test_unknown_keys_and_oversized_batches_are_rejected(tmp_path):
     config.train.batch_size = 100_000
     with pytest.raises(train.ConfigError, match="batch_size"):
         train.run(config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_rethinking_sam_toy_moves_the_minimum_to_the_wide_mode(tmp_path):
+    from experiments import toy_rethinking_sam
+
+    minima = toy_rethinking_sam.main(["--workdir", str(tmp_path), "--grid_size", "80"])
+    assert minima["loss"]["theta0"] < -10  # the narrow, deeper mode at -20
+    for name in ("mfvi", "ideal_sam", "one_step_sam"):
+        assert 12 < minima[name]["theta0"] < 28, name  # the wide mode at +20
+        assert minima[name]["theta1"] > 20, name
+    assert (tmp_path / "landscape.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bsam_two_moons_trains_and_writes_outputs(tmp_path):
+    from experiments import bsam_two_moons
+
+    try:
+        summary = bsam_two_moons.main(["--workdir", str(tmp_path), "--num_epochs", "60"])
+    finally:
+        import jax
+
+        jax.config.update("jax_enable_x64", False)
+    assert summary["loss_last_epoch"] < 0.5 * summary["loss_first_epoch"]
+    assert summary["train_accuracy_bma"] > 0.9
+    assert summary["posterior_std_mean"] > 0
+    assert (tmp_path / "boundaries.png").stat().st_size > 0
