@@ -68,7 +68,9 @@ class FitResult(NamedTuple):
     resumed_from: int
 
 
-def make_epoch_fn(posterior: Posterior, batch_size: int) -> Callable:
+def make_epoch_fn(
+    posterior: Posterior, batch_size: int, member_batches: int | None = None
+) -> Callable:
     """A jitted ``epoch(state, key, inputs, labels) -> (state, metrics)``.
 
     Shuffles with ``key`` (dropping the last ``N mod batch_size`` examples of the
@@ -79,6 +81,9 @@ def make_epoch_fn(posterior: Posterior, batch_size: int) -> Callable:
     Args:
       posterior: the family to train.
       batch_size: examples per step.
+      member_batches: if given, shuffle independently for this many ensemble members and
+        give every batch leaf a leading member axis (for
+        ``ensemble.build(..., independent_batches=True)``).
 
     Returns:
       The jitted epoch function.
@@ -89,7 +94,12 @@ def make_epoch_fn(posterior: Posterior, batch_size: int) -> Callable:
     @functools.partial(jax.jit, donate_argnums=(0,))
     def epoch(state, key, inputs, labels):
         shuffle_key, step_key = jax.random.split(key)
-        batches = epoch_batches(shuffle_key, inputs, labels, batch_size)
+        if member_batches is None:
+            batches = epoch_batches(shuffle_key, inputs, labels, batch_size)
+        else:
+            member_keys = jax.random.split(shuffle_key, member_batches)
+            batches = jax.vmap(lambda k: epoch_batches(k, inputs, labels, batch_size))(member_keys)
+            batches = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batches)
         num_batches = batches["labels"].shape[0]
         keys = jax.random.split(step_key, num_batches)
 
@@ -187,6 +197,7 @@ def fit(
     progress: bool = True,
     description: str = "train",
     stop_after: int | None = None,
+    member_batches: int | None = None,
 ) -> FitResult:
     """Trains a family for ``num_epochs`` epochs, resuming from ``checkpoint_dir`` if present.
 
@@ -205,6 +216,8 @@ def fit(
       progress: show a tqdm progress bar with the loss.
       description: progress-bar label.
       stop_after: stop (as if killed) after this epoch; for crash/resume tests.
+      member_batches: number of ensemble members that each get their own data order (see
+        :func:`make_epoch_fn`); ``None`` shares batches.
 
     Returns:
       A :class:`FitResult`.
@@ -226,7 +239,7 @@ def fit(
 
     # The epoch function donates its state; copy once so the caller's arrays stay valid.
     state = jax.tree.map(jnp.copy, state)
-    epoch_fn = make_epoch_fn(posterior, batch_size)
+    epoch_fn = make_epoch_fn(posterior, batch_size, member_batches)
     bar = None
     if progress:
         from tqdm.auto import tqdm

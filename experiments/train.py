@@ -248,7 +248,7 @@ def _train_method(name, config, splits, shifted, workdir, log) -> dict[str, Any]
     init_key, fit_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     sample_inputs = jnp.asarray(train.inputs[:2])
     if is_ensemble:
-        family = ensemble.build(family)
+        family = ensemble.build(family, independent_batches=True)
         params, model_state = models.init_ensemble(
             module, init_key, sample_inputs, config.ensemble.num_members
         )
@@ -271,6 +271,7 @@ def _train_method(name, config, splits, shifted, workdir, log) -> dict[str, Any]
         checkpoint_every=config.train.checkpoint_every or 1,
         log_fn=lambda record: log({"method": name, **record}),
         description=name,
+        member_batches=config.ensemble.num_members if is_ensemble else None,
     )
     jax.block_until_ready(result.state)
     train_seconds = time.perf_counter() - begin

@@ -61,7 +61,7 @@ def num_members(state: EnsembleState) -> int:
     return jax.tree.leaves(state.members.step)[0].shape[0]
 
 
-def build(family: Posterior) -> Posterior:
+def build(family: Posterior, *, independent_batches: bool = False) -> Posterior:
     """Wraps a family into an ensemble whose members are updated under ``jax.vmap``.
 
     ``init(stacked_params, stacked_model_state)`` takes member parameters stacked on a leading
@@ -72,6 +72,11 @@ def build(family: Posterior) -> Posterior:
 
     Args:
       family: any posterior family.
+      independent_batches: if true, ``update`` expects every batch leaf to carry a leading
+        member axis (member ``m`` trains on ``batch[m]``), so members see the data in
+        independent orders, as in the original deep ensembles; ``bnn_flat.training.fit``
+        builds such batches with ``member_batches=M``. If false, all members share the
+        batch.
 
     Returns:
       A :class:`bnn_flat.types.Posterior` over :class:`EnsembleState`.
@@ -105,7 +110,10 @@ def build(family: Posterior) -> Posterior:
 
     def update_fn(key: PRNGKey, state: EnsembleState, batch: Batch) -> tuple[EnsembleState, Info]:
         keys = jax.random.split(key, num_members(state))
-        members, info = jax.vmap(family.update, in_axes=(0, 0, None))(keys, state.members, batch)
+        batch_axis = 0 if independent_batches else None
+        members, info = jax.vmap(family.update, in_axes=(0, 0, batch_axis))(
+            keys, state.members, batch
+        )
         return EnsembleState(members=members), info
 
     def sample_fn(key: PRNGKey, state: EnsembleState, num_samples: int) -> Params:
