@@ -69,6 +69,7 @@ References:
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -144,7 +145,8 @@ def build(
       optimizer: the sampler as an optax chain (SGLD, SGHMC, cyclical, flat; see the
         module docstring). It receives ``grad_fn``, ``split_grad_fn``, ``value`` and
         ``key`` as extra arguments.
-      num_samples_max: :math:`S`, the number of slots of the sample bank.
+      num_samples_max: :math:`S`, the number of slots of the sample bank. The bank is
+        preallocated: it holds :math:`S` copies of the parameters and of the model state.
       burn_in: number of initial updates whose positions are never collected.
       thin: collect every ``thin``-th position after burn-in.
       collect_when: optional ``step -> bool`` (scalar, traceable) further restricting
@@ -716,7 +718,12 @@ def _cyclical_parts(
     exploration_fraction: float,
     temperature: float,
 ) -> tuple[optax.Schedule, optax.Schedule, CollectWhen]:
-    if not np.isfinite(temperature) or temperature < 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not np.isfinite(temperature)
+        or temperature < 0
+    ):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
     learning_rate = transforms.cyclical_schedule(
         init_learning_rate, num_steps, num_cycles, final_value=final_learning_rate
