@@ -245,6 +245,9 @@ def posterior_predictive(
 
     For an ensemble state (:class:`bnn_flat.posteriors.ensemble.EnsembleState`) each
     member's samples use that member's model state, and ``num_samples`` is per member.
+    Otherwise every sample uses ``state.model_state``; for BatchNorm models whose samples
+    need their own statistics (SWAG) use
+    :func:`bnn_flat.posteriors.batchnorm.sample_with_batch_stats` and :func:`predict`.
 
     Args:
       key: PRNG key for sampling.
@@ -262,6 +265,11 @@ def posterior_predictive(
     from bnn_flat.posteriors import ensemble
 
     samples = posterior.sample(key, state, num_samples)
+    if any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in jax.tree.leaves(samples)):
+        raise ValueError(
+            "this family's samples are PRNG keys (MC dropout); use "
+            "bma.predict(mc_dropout.predict_fn(apply_fn, state), samples, inputs) instead."
+        )
     if isinstance(state, ensemble.EnsembleState):
         stacked_states = ensemble.member_model_states(state, num_samples)
         fn = model_predict_fn(apply_fn, per_sample_state=True)

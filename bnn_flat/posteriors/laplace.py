@@ -45,7 +45,9 @@ Structures (``subset`` x ``covariance``):
 
   .. math:: \sum_i C_i \approx \tfrac{1}{n}\, \mathcal{A} \otimes \mathcal{G},
 
-  exact for a single example (and for single-output Gaussian regression). The prior is
+  exact for a single example (and for single-output Gaussian regression). KFAC assumes
+  the layer computes ``a @ kernel + bias`` from one feature vector ``a`` per example (a
+  Dense output layer); :func:`update` reads ``a`` off the kernel gradient. The prior is
   added **exactly** to the Kronecker product in the joint eigenbasis: with
   :math:`\mathcal{A} = U_A \operatorname{diag}(s_A) U_A^\top` and
   :math:`\mathcal{G} = U_G \operatorname{diag}(s_G) U_G^\top`,
@@ -63,6 +65,21 @@ Every structure is handled through one eigen-representation :math:`\Lambda = Q
 \operatorname{diag}(\omega) Q^\top` (:math:`Q = I` for diag, the curvature's eigenvectors for
 full, :math:`U_A \otimes U_G` for KFAC), which gives sampling, the log density, the log
 determinant, the linearised predictive and prior-precision tuning over a grid.
+
+Workflow (``map_params`` from any MAP training)::
+
+    family = laplace.build(apply_fn, num_data=N, subset="last_layer", covariance="kron")
+    state = family.init(map_params, model_state)
+    state = laplace.fit(key, state, apply_fn, train_inputs, train_labels, batch_size=256)
+    state = laplace.tune_prior_precision(state)                 # evidence on a grid
+    log_probs = laplace.glm_predictive(state, apply_fn, test_inputs)      # probit GLM
+    samples = family.sample(key, state, 30)                     # or BMA over weights
+
+The state carries its static :class:`LaplaceConfig` (a pytree node without leaves), so
+:func:`fit`, :func:`glm_predictive` and :func:`tune_prior_precision` need only the state and
+the model; a checkpoint restores into the template made by ``family.init``. Running the
+family through :func:`bnn_flat.training.fit` for one epoch also works, but it shuffles and
+drops the last partial batch (``N / n`` corrects the scale).
 
 References:
   MacKay. A Practical Bayesian Framework for Backpropagation Networks. Neural Computation
@@ -251,7 +268,14 @@ def build(
     def update_fn(key: PRNGKey, state: LaplaceState, batch: Batch) -> tuple[LaplaceState, Info]:
         return update(key, state, batch, apply_fn)
 
-    return Posterior(init=init_fn, update=update_fn, sample=sample, log_prob=log_prob)
+    # Compiled here (and inlined when called inside another jit): the per-example
+    # vector-Jacobian products are slow to run op by op.
+    return Posterior(
+        init=init_fn,
+        update=jax.jit(update_fn),
+        sample=jax.jit(sample, static_argnums=2),
+        log_prob=jax.jit(log_prob),
+    )
 
 
 def init(
@@ -667,15 +691,29 @@ def glm_predictive(
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     inputs = _check_inputs(inputs)
     _check_chunk_size(chunk_size)
+    return _glm_predictive(
+        state,
+        inputs,
+        key,
+        apply_fn=apply_fn,
+        link_approximation=link_approximation,
+        num_samples=int(num_samples),
+        chunk_size=min(chunk_size, inputs.shape[0]),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("apply_fn", "link_approximation", "num_samples", "chunk_size")
+)
+def _glm_predictive(state, inputs, key, *, apply_fn, link_approximation, num_samples, chunk_size):
+    config = state.config
     basis, omega = _eigen(state)
 
     def per_input(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         output, coordinates = _jacobian_coordinates(state, apply_fn, basis, x)
         return output, _function_covariance(coordinates, omega)
 
-    outputs, covariances = jax.lax.map(
-        per_input, inputs, batch_size=min(chunk_size, inputs.shape[0])
-    )
+    outputs, covariances = jax.lax.map(per_input, inputs, batch_size=chunk_size)
     if config.likelihood == "regression":
         noise = config.noise_std**2
         eye = jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
@@ -739,8 +777,7 @@ def tune_prior_precision(
     if not isinstance(grid, jax.core.Tracer) and not bool(jnp.all(grid > 0)):
         raise ValueError("grid values must be positive (and not NaN).")
     if method == "marglik":
-        scores = jax.vmap(lambda value: log_marginal_likelihood(state, value))(grid)
-        best = jnp.argmax(scores)
+        best = jnp.argmax(_marglik_scores(state, grid))
     else:
         if apply_fn is None or validation_data is None:
             raise ValueError("method='val_nll' needs apply_fn and validation_data.")
@@ -752,7 +789,10 @@ def tune_prior_precision(
                 f"{inputs.shape} vs {labels.shape}."
             )
         _check_chunk_size(chunk_size)
-        scores = _validation_nll(state, apply_fn, inputs, labels, grid, chunk_size)
+        chunk_size = min(chunk_size, inputs.shape[0])
+        scores = _validation_nll(
+            state, inputs, labels, grid, apply_fn=apply_fn, chunk_size=chunk_size
+        )
         best = jnp.argmin(scores)
     return state._replace(prior_precision=grid[best])
 
@@ -1174,12 +1214,19 @@ def _monte_carlo_log_probs(
     return jax.scipy.special.logsumexp(log_probs, axis=0) - math.log(num_samples)
 
 
+@jax.jit
+def _marglik_scores(state: LaplaceState, grid: jax.Array) -> jax.Array:
+    return jax.vmap(lambda value: log_marginal_likelihood(state, value))(grid)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size"))
 def _validation_nll(
     state: LaplaceState,
-    apply_fn: ApplyFn,
     inputs: jax.Array,
     labels: jax.Array,
     grid: jax.Array,
+    *,
+    apply_fn: ApplyFn,
     chunk_size: int,
 ) -> jax.Array:
     """Summed validation NLL of the GLM predictive for every grid value, shape ``(G,)``."""
@@ -1204,16 +1251,20 @@ def _validation_nll(
 
         return jax.vmap(nll)(omegas)
 
-    per_example = jax.lax.map(per_input, (inputs, labels), batch_size=min(chunk_size, len(inputs)))
+    per_example = jax.lax.map(per_input, (inputs, labels), batch_size=chunk_size)
     return per_example.sum(axis=0)
 
 
 def _normal_like(key: PRNGKey, tree: Any) -> Any:
+    """Standard normals shaped like ``tree``, from one draw (one RNG kernel to compile)."""
     leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
-        [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-    )
+    dtype = jnp.result_type(*leaves)
+    flat = jax.random.normal(key, (sum(x.size for x in leaves),), dtype)
+    pieces, start = [], 0
+    for x in leaves:
+        pieces.append(flat[start : start + x.size].reshape(x.shape).astype(x.dtype))
+        start += x.size
+    return treedef.unflatten(pieces)
 
 
 def _sum_of_squares(tree: Params) -> jax.Array:

@@ -51,7 +51,8 @@ Differences from the reference PyTorch code:
 * :math:`D` is a preallocated ring buffer, so rows are stored in collection order modulo
   :math:`K`, not oldest first (the distribution does not depend on the row order);
 * before the first collection the moments hold the initial parameters, so ``sample``
-  returns (almost exactly) the initial parameters instead of zeros;
+  returns the initial parameters instead of zeros; with :math:`n \le 1` the diagonal
+  variance is exactly ``var_clamp``;
 * ``log_prob`` is the exact density of the low-rank-plus-diagonal Gaussian (Woodbury
   identity and matrix determinant lemma on a :math:`K \times K` system).
 
@@ -395,17 +396,19 @@ def sample(
     buffer_rank = _rank(state)
     low_rank = buffer_rank > 0 and not diagonal_only
     diagonal_key, low_rank_key = jax.random.split(key)
-    leaf_keys = jax.random.split(diagonal_key, len(means))
+    # One draw for all leaves (a draw per leaf would compile one generator per leaf).
+    sizes = [mean.size for mean in means]
+    z1 = jax.random.normal(diagonal_key, (num_samples, sum(sizes)))
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     if low_rank:
         row_mask, denominator = _filled_rows(state)
         z2 = jax.random.normal(low_rank_key, (num_samples, buffer_rank)) * row_mask
     root_scale = math.sqrt(scale)
     samples = []
-    for leaf_key, mean, sq_mean, deviation in zip(
-        leaf_keys, means, sq_means, deviations, strict=True
-    ):
-        std = jnp.sqrt(_variance(mean, sq_mean, var_clamp))
-        noise = std * jax.random.normal(leaf_key, (num_samples, *mean.shape), mean.dtype)
+    for offset, mean, sq_mean, deviation in zip(offsets, means, sq_means, deviations, strict=True):
+        std = jnp.sqrt(_variance(mean, sq_mean, state.num_collected, var_clamp))
+        leaf_z1 = z1[:, offset : offset + mean.size].reshape(num_samples, *mean.shape)
+        noise = std * leaf_z1.astype(mean.dtype)
         if low_rank:
             noise = noise + jnp.tensordot(z2.astype(mean.dtype), deviation, axes=1) / denominator
         samples.append(mean + root_scale * noise)
@@ -468,7 +471,9 @@ def log_prob(
     gram = jnp.zeros((buffer_rank, buffer_rank), jnp.float32)  # U^T A^{-1} U
     for mean, sq_mean, deviation, value in zip(means, sq_means, deviations, values, strict=True):
         dimension += mean.size
-        diagonal = (scale * _variance(mean, sq_mean, var_clamp)).astype(jnp.float32)
+        diagonal = (scale * _variance(mean, sq_mean, state.num_collected, var_clamp)).astype(
+            jnp.float32
+        )
         residual = (value - mean).astype(jnp.float32)
         log_det = log_det + jnp.sum(jnp.log(diagonal))
         quadratic = quadratic + jnp.sum(jnp.square(residual) / diagonal)
@@ -531,7 +536,9 @@ def variance(state: SWAGState, var_clamp: float = 1e-30) -> Params:
       Array([1.], dtype=float32)
     """
     _check_scale_and_clamp(1.0, var_clamp)
-    return jax.tree.map(lambda m, s: _variance(m, s, var_clamp), state.mean, state.sq_mean)
+    return jax.tree.map(
+        lambda m, s: _variance(m, s, state.num_collected, var_clamp), state.mean, state.sq_mean
+    )
 
 
 def _rank(state: SWAGState) -> int:
@@ -540,8 +547,13 @@ def _rank(state: SWAGState) -> int:
     return leaves[0].shape[0] if leaves else 0
 
 
-def _variance(mean: jax.Array, sq_mean: jax.Array, var_clamp: float) -> jax.Array:
-    return jnp.maximum(sq_mean - jnp.square(mean), jnp.asarray(var_clamp, mean.dtype))
+def _variance(
+    mean: jax.Array, sq_mean: jax.Array, num_collected: jax.Array, var_clamp: float
+) -> jax.Array:
+    # With n <= 1 the variance is exactly zero; sq_mean - mean^2 would leave rounding
+    # noise of order eps * mean^2 (XLA may fuse it into a multiply-add).
+    clamp = jnp.asarray(var_clamp, mean.dtype)
+    return jnp.where(num_collected > 1, jnp.maximum(sq_mean - jnp.square(mean), clamp), clamp)
 
 
 def _filled_rows(state: SWAGState) -> tuple[jax.Array, jax.Array]:
