@@ -20,9 +20,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from experiments import train
+    import importlib
 
-    train.run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    # A config may name its runner module in experiments/ (default: the main job).
+    runner = importlib.import_module(f"experiments.{config.get('runner', 'train')}")
+    runner.run(config, _WORKDIR.value)
 
 
 def main():

@@ -84,7 +84,7 @@ def validate_config(config: ConfigDict) -> None:
       ConfigError: naming every problem found (unknown keys, bad values, unknown methods).
     """
     problems = []
-    unknown = _unknown_keys(config, _schema())
+    unknown = [k for k in _unknown_keys(config, _schema()) if k != "runner"]
     if unknown:
         problems.append(f"unknown config keys: {', '.join(sorted(unknown))}")
     train = config.get("train", ConfigDict())
