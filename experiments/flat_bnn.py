@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from bnn_flat import bma, metrics, models, objectives, sharpness, training, transforms
+from bnn_flat import bma, data, metrics, models, objectives, sharpness, training, transforms
 from bnn_flat.posteriors import ensemble, mc_dropout, mean_field_vi, point, sgmcmc, swag
 from experiments import train as main_job
 
@@ -102,7 +102,8 @@ def _run_one(family_name, flat, seed, config, splits, shifted) -> dict[str, floa
     train = splits["train"]
     num_train = len(train.labels)
     dropout = config.mc_dropout.rate if family_name == "mc_dropout" else 0.0
-    module = models.mlp(list(config.model.hidden_sizes), num_outputs=10, dropout_rate=dropout)
+    num_classes = int(max(train.labels.max(), splits["test"].labels.max())) + 1
+    module = _make_model(config, num_classes, dropout)
     apply_fn = models.make_apply(module)
     family, num_samples, member_batches, kind = _build(
         family_name, flat, config, apply_fn, num_train
@@ -152,12 +153,58 @@ def _run_one(family_name, flat, seed, config, splits, shifted) -> dict[str, floa
         aurocs.append(float(metrics.ood_metrics(log_probs, shift_log_probs)["auroc"]))
     result["shift_nll"] = float(np.mean(shift_nll)) if shift_nll else float("nan")
     result["ood_auroc"] = float(np.mean(aurocs)) if aurocs else float("nan")
-    loss = sharpness.make_loss_for_hessian(apply_fn, {}, train.inputs, train.labels)
+    size = min(len(train.labels), config.get("sharpness_examples", 2000))
+    loss = sharpness.make_loss_for_hessian(
+        apply_fn, {}, train.inputs[:size], train.labels[:size], batch_size=min(size, 500)
+    )
     sharp = sharpness.posterior_sharpness(sharp_key, loss, sharp_samples, config.sam.rho)
     result["sharpness"] = float(sharp.mean)
     result["sharpness_std"] = float(sharp.std)
     result["seconds"] = time.perf_counter() - begin
     return result
+
+
+def _make_model(config: ConfigDict, num_classes: int, dropout_rate: float):
+    name = config.model.get("name", "mlp")
+    if name == "mlp":
+        return models.mlp(
+            list(config.model.hidden_sizes), num_outputs=num_classes, dropout_rate=dropout_rate
+        )
+    if name == "resnet20":
+        if config.model.norm == "batch":
+            raise ValueError(
+                "flat_bnn supports normalisations without running statistics (group, layer, "
+                "none): every family then shares one model state; got norm='batch'."
+            )
+        return models.resnet20(
+            num_classes=num_classes, norm=config.model.norm, dropout_rate=dropout_rate
+        )
+    raise ValueError(f"model.name must be 'mlp' or 'resnet20', got {name!r}.")
+
+
+def _load_splits(config: ConfigDict):
+    """Embedded digits (with procedural shifts) or a prepared TFDS dataset."""
+    if config.data.name == "digits":
+        loader_config = ConfigDict(
+            {"seed": config.data_seed, "data": config.data, "train": config.train}
+        )
+        return main_job._load_data(loader_config)
+    full = data.load_tfds(config.data.name, split="train", data_dir=config.data.data_dir)
+    rng = np.random.default_rng(config.data_seed)
+    order = rng.permutation(len(full.labels))
+    num_val = int(round(config.data.val_fraction * len(order)))
+    splits = {
+        "train": data.Dataset(full.inputs[order[num_val:]], full.labels[order[num_val:]]),
+        "val": data.Dataset(full.inputs[order[:num_val]], full.labels[order[:num_val]]),
+        "test": data.load_tfds(config.data.name, split="test", data_dir=config.data.data_dir),
+    }
+    shifted = {
+        corruption: data.load_tfds(corruption, split="test", data_dir=config.data.data_dir)
+        for corruption in config.data.get("corruptions", ())
+    }
+    for name, dataset in {**splits, **shifted}.items():
+        data.check_dataset(dataset, name)
+    return splits, shifted
 
 
 def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -170,10 +217,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
-    loader_config = ConfigDict(
-        {"seed": config.data_seed, "data": config.data, "train": config.train}
-    )
-    splits, shifted = main_job._load_data(loader_config)
+    splits, shifted = _load_splits(config)
     summary: dict[str, Any] = {}
     for family_name in config.families:
         for flat in (False, True):

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments import train
@@ -105,3 +106,53 @@ def test_bsam_two_moons_trains_and_writes_outputs(tmp_path):
     assert summary["train_accuracy_bma"] > 0.9
     assert summary["posterior_std_mean"] > 0
     assert (tmp_path / "boundaries.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_flat_bnn_runs_on_mock_tfds_data(tmp_path):
+    """The real-data path of the flat-BNN experiment, on tfds mock data (no download)."""
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+
+    from experiments import flat_bnn
+    from experiments.configs import flat_bnn_cifar10_resnet20
+
+    config = flat_bnn_cifar10_resnet20.get_config()
+    config.seeds = (0,)
+    config.families = ("swag", "mc_dropout")
+    config.model.name = "mlp"  # keep the smoke test fast; resnet20 is the same code path
+    config.data.corruptions = ("cifar10_corrupted/gaussian_noise_3",)
+    config.train.num_epochs = 1
+    config.train.batch_size = 16
+    config.bma.num_samples = 3
+    config.sharpness_examples = 64
+    with (
+        tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE),
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True),
+    ):
+        summary = flat_bnn.run(config, str(tmp_path))
+    assert set(summary) == {"swag", "f_swag", "mc_dropout", "f_mc_dropout"}
+    for result in summary.values():
+        run = result["runs"][0]
+        assert 0 <= run["accuracy"] <= 1 and np.isfinite(run["nll"])
+        assert np.isfinite(run["shift_nll"]) and run["sharpness"] >= 0
+
+
+@pytest.mark.slow
+def test_flat_bnn_digits_tiny(tmp_path):
+    from experiments import flat_bnn
+    from experiments.configs import flat_bnn_digits
+
+    config = flat_bnn_digits.get_config()
+    config.seeds = (0,)
+    config.families = ("swag_diag", "sgld", "mfvi", "deep_ensemble")
+    config.train.num_epochs = 4
+    config.bma.num_samples = 4
+    config.sharpness_examples = 256
+    summary = flat_bnn.run(config, str(tmp_path))
+    assert len(summary) == 8
+    for name, result in summary.items():
+        assert result["mean"]["accuracy"] > 0.8, name
+        assert result["mean"]["sharpness"] > 0, name
+    assert (tmp_path / "results.md").read_text().count("\n") == 4 + 8

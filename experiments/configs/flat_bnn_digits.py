@@ -22,14 +22,18 @@ def get_config() -> ConfigDict:
     config.families = ("swag", "swag_diag", "mc_dropout", "deep_ensemble", "sgld", "mfvi")
 
     config.data = ConfigDict()
-    config.data.name = "digits"
+    config.data.name = "digits"  # or a prepared TFDS name (see the CIFAR-10 config)
+    config.data.data_dir = None
     config.data.val_fraction = 0.15
     config.data.test_fraction = 0.25
     config.data.shift_kinds = ("rotation", "noise", "blur")
     config.data.shift_severities = (3,)
 
     config.model = ConfigDict()
+    config.model.name = "mlp"  # mlp | resnet20 (norm without running statistics)
     config.model.hidden_sizes = (128, 128)
+    config.model.norm = "group"
+    config.sharpness_examples = 2000  # training examples in the sharpness loss
 
     config.train = ConfigDict()
     config.train.num_epochs = 40
