@@ -16,6 +16,10 @@ leaf. A reparameterised draw is
 .. math:: \theta = \mu + \sigma \odot z_1 + W^\top z_2, \qquad
           z_1 \sim \mathcal{N}(0, I_d),\; z_2 \sim \mathcal{N}(0, I_K).
 
+The sampler and every density use this one :math:`\Sigma`, with zero-mean :math:`z_2`
+(the released SA-BMA code samples and scores different covariances and offsets
+:math:`z_2`; see algorithms.md, pitfalls 5 and 6).
+
 To start from a SWAG fit with deviation matrix :math:`C` (rank :math:`K`), diagonal variance
 :math:`v` and sampling scale :math:`c` (SWAG's :math:`\Sigma = c\,(\operatorname{diag}(v) +
 C^\top C/(K-1))`), set :math:`\sigma = \sqrt{c v}` (``raw_scale = inverse_softplus(σ)``) and
@@ -268,8 +272,8 @@ def update(
 ) -> tuple[LowRankVIState, Info]:
     r"""One optimizer step on the per-datum negative ELBO.
 
-    ``key`` is split as in :func:`bnn_flat.posteriors.mean_field_vi.update`; the noise key is
-    split once more into the keys of :math:`z_1` (``normal_like`` of stacked params) and
+    ``key`` is split as in :func:`bnn_flat.posteriors.mean_field_vi.update`; one
+    ``normal_like`` draw from the noise key gives :math:`z_1` (stacked like the params) and
     :math:`z_2` (shape ``(num_mc_samples, rank)``).
 
     Args:
@@ -302,11 +306,7 @@ def update(
     rank = _rank(state.factor)
 
     def draw_noise(noise_key):
-        diagonal_key, factor_key = jax.random.split(noise_key)
-        return (
-            _draw_noise(diagonal_key, state.params, num_mc_samples),
-            jax.random.normal(factor_key, (num_mc_samples, rank)),
-        )
+        return _draw_low_rank_noise(noise_key, state.params, rank, num_mc_samples)
 
     variational, opt_state, model_state, info = _variational_step(
         key,
@@ -352,11 +352,7 @@ def sample(key: PRNGKey, state: LowRankVIState, num_samples: int) -> Params:
       (4, 3)
     """
     _check_positive_int("num_samples", num_samples)
-    diagonal_key, factor_key = jax.random.split(key)
-    noise = (
-        _draw_noise(diagonal_key, state.params, num_samples),
-        jax.random.normal(factor_key, (num_samples, _rank(state.factor))),
-    )
+    noise = _draw_low_rank_noise(key, state.params, _rank(state.factor), num_samples)
     return jax.vmap(_reparameterise, in_axes=(None, 0))(variational_parameters(state), noise)
 
 
@@ -559,6 +555,13 @@ def _reparameterise(variational: dict[str, Params], noise: tuple[Params, jax.Arr
         diagonal_noise,
         low_rank,
     )
+
+
+def _draw_low_rank_noise(
+    key: PRNGKey, params: Params, rank: int, num_samples: int
+) -> tuple[Params, jax.Array]:
+    """``(z_1, z_2)`` with leading axes ``num_samples``, from one ``normal_like`` draw."""
+    return _draw_noise(key, (params, jnp.zeros((rank,), jnp.float32)), num_samples)
 
 
 def _capacitance(variational_params: dict[str, Params]) -> tuple[Params, jax.Array, jax.Array]:
