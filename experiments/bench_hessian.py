@@ -28,15 +28,15 @@ import jax.numpy as jnp
 from bnn_flat import models, sharpness
 
 
-def _timed(fn, repeats: int) -> tuple[float, float, object]:
-    """Returns (first-call seconds, median warm seconds, last output)."""
+def _timed(fn, arguments: tuple, repeats: int) -> tuple[float, float, object]:
+    """Returns (first-call seconds, median warm seconds, last output) of ``fn(*arguments)``."""
     begin = time.perf_counter()
-    output = jax.block_until_ready(fn())
+    output = jax.block_until_ready(fn(*arguments))
     first = time.perf_counter() - begin
     times = []
     for _ in range(repeats):
         begin = time.perf_counter()
-        output = jax.block_until_ready(fn())
+        output = jax.block_until_ready(fn(*arguments))
         times.append(time.perf_counter() - begin)
     return first, statistics.median(times), output
 
@@ -62,10 +62,11 @@ def main() -> None:
     )
     num_params = models.num_params(params)
     print(f"ResNet-20 (BatchNorm): {num_params} parameters, {args.num_examples} examples")
-    print(f"devices: {jax.devices()}")
+    print(f"devices: {jax.devices()}", flush=True)
 
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        print(f"batch size {batch_size or args.num_examples}:", flush=True)
         loss = sharpness.make_loss_for_hessian(
             apply_fn, model_state, inputs, labels, batch_size=batch_size or None
         )
@@ -76,12 +77,15 @@ def main() -> None:
                 key, loss, p, k=args.k, num_iterations=args.num_iterations
             )
         )
-        _, grad_seconds, _ = _timed(lambda: grad(params), args.repeats)
-        _, hvp_seconds, _ = _timed(lambda: single_hvp(params, params), args.repeats)
+        grad_first, grad_seconds, _ = _timed(grad, (params,), args.repeats)
+        print(f"  gradient: first call {grad_first:.1f} s, warm {grad_seconds:.2f} s", flush=True)
+        hvp_first, hvp_seconds, _ = _timed(single_hvp, (params, params), args.repeats)
+        print(f"  HVP: first call {hvp_first:.1f} s, warm {hvp_seconds:.2f} s", flush=True)
         compile_begin = time.perf_counter()
         compiled = top.lower(lanczos_key, params).compile()
         compile_seconds = time.perf_counter() - compile_begin
-        _, lanczos_seconds, result = _timed(lambda: compiled(lanczos_key, params), args.repeats)
+        print(f"  Lanczos compiled in {compile_seconds:.1f} s", flush=True)
+        _, lanczos_seconds, result = _timed(compiled, (lanczos_key, params), args.repeats)
         row = {
             "batch_size": batch_size or args.num_examples,
             "gradient_seconds": grad_seconds,
@@ -99,7 +103,7 @@ def main() -> None:
             f"({row['num_hessian_vector_products']} HVPs): {lanczos_seconds:.1f} s warm "
             f"({row['seconds_per_hvp_in_lanczos']:.2f} s/HVP), compile {compile_seconds:.1f} s"
         )
-        print(f"  eigenvalues: {row['eigenvalues']}")
+        print(f"  eigenvalues: {row['eigenvalues']}", flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=2)
