@@ -33,7 +33,21 @@ so the value does not depend on how the data are batched. With ``batch_size`` it
 batches in a ``lax.scan`` whose body is rematerialised (``jax.checkpoint``): gradients and
 HVPs of the sum are sums of per-batch ones, and memory is that of one batch.
 
-Everything is jit-compatible; iteration and probe counts are Python ints (static).
+Everything is jit-compatible (except ``strategy="python"``); iteration and probe counts are
+Python ints (static).
+
+**Loops on CPU.** XLA:CPU rewrites convolutions into its fast (Eigen) form only at the top
+level of a program, not inside while-loop bodies, so the weight-gradient convolutions of an
+HVP or gradient inside ``lax.scan`` take a slow generic path: six Lanczos iterations on a
+ResNet-20 (64 examples) measured 35x slower as a scan than unrolled
+(``experiments/bench_hessian.py --unroll=0`` reproduces the comparison). Every loop here
+that evaluates gradients or HVPs therefore takes ``unroll``: ``True`` unrolls it
+(``lax.scan(..., unroll=True)``: straight-line code, compile time proportional to the number
+of steps), ``False`` keeps a compiled loop, and ``None`` (default) unrolls on the CPU
+backend when some parameter has rank 3 or more (a convolution kernel) and loops otherwise.
+The posterior averages run one jitted function per sample from Python on CPU for
+convolutional models (``strategy``), since unrolling the samples too would multiply the
+compile time by their number.
 
 References:
   Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
@@ -63,6 +77,7 @@ from bnn_flat.types import ApplyFn, ModelState, Params, PRNGKey
 
 __all__ = [
     "LOSSES",
+    "SAMPLE_STRATEGIES",
     "LanczosResult",
     "TopEigenvalues",
     "PowerIterationResult",
@@ -84,6 +99,9 @@ __all__ = [
 
 LOSSES = ("classification", "regression")
 """Names accepted by :func:`make_loss_for_hessian` (a callable is accepted too)."""
+
+SAMPLE_STRATEGIES = ("auto", "map", "python")
+"""How :func:`posterior_sharpness` and :func:`posterior_top_eigenvalue` loop over samples."""
 
 Matvec = Callable[[Params], Params]
 """A symmetric linear map on parameter pytrees, e.g. ``lambda v: hvp(loss, params, v)``."""
@@ -212,6 +230,7 @@ def make_loss_for_hessian(
     *,
     prior_precision: float = 0.0,
     num_data: int | None = None,
+    unroll: bool | None = None,
 ) -> Callable[[Params], jax.Array]:
     r"""The mean loss over a data set, in evaluation mode, as a function of the parameters.
 
@@ -222,7 +241,8 @@ def make_loss_for_hessian(
     ``model_state`` and dropout is off, so :math:`L` is deterministic and does not depend on
     how the examples are batched. With ``batch_size`` the sum runs over batches in a
     ``lax.scan`` with a rematerialised body, so gradients and HVPs cost one batch of memory
-    (a short last batch is padded with repeated examples of weight zero).
+    (a short last batch is padded with repeated examples of weight zero). The HVP of the sum
+    is the sum of the per-batch HVPs.
 
     Args:
       apply_fn: Model in the contract ``apply(params, model_state, inputs, *, train, key)``.
@@ -236,6 +256,8 @@ def make_loss_for_hessian(
       prior_precision: :math:`\lambda \ge 0` of an isotropic Gaussian prior (0: none).
       num_data: :math:`N_\text{data}` dividing the prior term (default ``N``), as in the
         library's per-datum objective.
+      unroll: Unroll the loop over batches (see the module docstring); ``None`` decides
+        from the parameters when the loss is traced.
 
     Returns:
       ``loss(params) -> scalar``.
@@ -273,6 +295,7 @@ def make_loss_for_hessian(
     _check_positive_int("num_data", num_data)
     if batch_size is not None:
         _check_positive_int("batch_size", batch_size)
+    _check_unroll(unroll)
 
     def prior_term(params: Params) -> jax.Array:
         if isinstance(prior_precision, numbers.Real) and prior_precision == 0:
@@ -310,7 +333,10 @@ def make_loss_for_hessian(
             return total + batch_sum(params, *batch), None
 
         total, _ = jax.lax.scan(
-            body, jnp.zeros((), dtype), (batched_inputs, batched_labels, batched_weights)
+            body,
+            jnp.zeros((), dtype),
+            (batched_inputs, batched_labels, batched_weights),
+            unroll=_resolve_unroll(unroll, params),
         )
         return total / num_examples + prior_term(params)
 
@@ -329,6 +355,7 @@ def lanczos(
     reorthogonalize: bool = True,
     return_basis: bool = False,
     initial_vector: Params | None = None,
+    unroll: bool | None = None,
 ) -> LanczosResult:
     r"""Lanczos tridiagonalisation of a symmetric linear map on parameter pytrees.
 
@@ -358,6 +385,7 @@ def lanczos(
       return_basis: Also return the ``(k, d)`` basis.
       initial_vector: Start vector (a pytree like ``params_like``, normalised here); a
         standard normal one from ``key`` if ``None``.
+      unroll: Unroll the iterations (see the module docstring; ``None``: automatic).
 
     Returns:
       :class:`LanczosResult` ``(alphas, betas, basis)``.
@@ -382,7 +410,13 @@ def lanczos(
             _match_params(_zeros_like(params_like), initial_vector, "initial_vector")
         )[0].astype(template.dtype)
     alphas, betas, basis = _lanczos_flat(
-        restart_key, flat_matvec, start, num_iterations, reorthogonalize, return_basis
+        restart_key,
+        flat_matvec,
+        start,
+        num_iterations,
+        reorthogonalize,
+        return_basis,
+        _resolve_unroll(unroll, params_like),
     )
     return LanczosResult(alphas=alphas, betas=betas, basis=basis)
 
@@ -396,6 +430,7 @@ def top_hessian_eigenvalues(
     *,
     reorthogonalize: bool = True,
     return_eigenvectors: bool = False,
+    unroll: bool | None = None,
 ) -> TopEigenvalues:
     r"""The ``k`` largest eigenvalues of the Hessian of ``loss`` at ``params``, by Lanczos.
 
@@ -413,6 +448,8 @@ def top_hessian_eigenvalues(
       num_iterations: Lanczos iterations = HVPs, at most the number of parameters (static).
       reorthogonalize: Full reorthogonalisation (recommended).
       return_eigenvectors: Also return the Ritz vectors.
+      unroll: Unroll the Lanczos iterations (see the module docstring; ``None``: unrolled
+        on CPU for convolutional parameters).
 
     Returns:
       :class:`TopEigenvalues` ``(eigenvalues, num_hessian_vector_products, eigenvectors)``.
@@ -436,6 +473,7 @@ def top_hessian_eigenvalues(
         num_iterations,
         reorthogonalize=reorthogonalize,
         return_basis=return_eigenvectors,
+        unroll=unroll,
     )
     values, vectors = jnp.linalg.eigh(_tridiagonal(result.alphas, result.betas))
     values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]  # largest first
@@ -451,7 +489,12 @@ def top_hessian_eigenvalues(
 
 
 def power_iteration(
-    key: PRNGKey, matvec: Matvec, params_like: Params, num_iterations: int
+    key: PRNGKey,
+    matvec: Matvec,
+    params_like: Params,
+    num_iterations: int,
+    *,
+    unroll: bool | None = None,
 ) -> PowerIterationResult:
     r"""The eigenvalue of largest magnitude of a symmetric map, by power iteration.
 
@@ -461,14 +504,15 @@ def power_iteration(
     **absolute value**, which for a Hessian with strong negative curvature can be negative
     (use :func:`top_hessian_eigenvalues` for the largest algebraic one). The error of the
     eigenvalue shrinks like :math:`(\lambda_2/\lambda_1)^{2T}`; with
-    :math:`\lambda_2 = -\lambda_1` it does not converge. Uses ``num_iterations`` matvecs (the
-    Rayleigh quotient reuses the last one).
+    :math:`\lambda_2 = -\lambda_1` it does not converge. Uses ``num_iterations`` matvecs:
+    :math:`T = ` ``num_iterations - 1`` normalised products, then the Rayleigh quotient.
 
     Args:
       key: PRNG key for the start vector.
       matvec: Symmetric linear map on pytrees like ``params_like``.
       params_like: Pytree giving structure, shapes and dtypes (values ignored).
       num_iterations: Number of matvecs, at least 1 (static).
+      unroll: Unroll the iterations (see the module docstring; ``None``: automatic).
 
     Returns:
       :class:`PowerIterationResult` ``(eigenvalue, eigenvector)``.
@@ -490,13 +534,20 @@ def power_iteration(
         norm = jnp.linalg.norm(product)
         return jnp.where(norm > 0, product / jnp.where(norm > 0, norm, 1), vector), None
 
-    vector, _ = jax.lax.scan(step, start, None, length=num_iterations - 1)
+    vector, _ = jax.lax.scan(
+        step, start, None, length=num_iterations - 1, unroll=_resolve_unroll(unroll, params_like)
+    )
     product = flat_matvec(vector)
     return PowerIterationResult(eigenvalue=jnp.vdot(vector, product), eigenvector=unravel(vector))
 
 
 def hutchinson_trace(
-    key: PRNGKey, matvec: Matvec, params_like: Params, num_probes: int
+    key: PRNGKey,
+    matvec: Matvec,
+    params_like: Params,
+    num_probes: int,
+    *,
+    unroll: bool | None = None,
 ) -> TraceEstimate:
     r"""Hutchinson's stochastic trace estimate with Rademacher probes.
 
@@ -512,6 +563,7 @@ def hutchinson_trace(
       matvec: Symmetric linear map on pytrees like ``params_like``.
       params_like: Pytree giving structure, shapes and dtypes (values ignored).
       num_probes: Number of probes :math:`m \ge 2` (static).
+      unroll: Unroll the loop over probes (see the module docstring; ``None``: automatic).
 
     Returns:
       :class:`TraceEstimate` ``(trace, standard_error)``; the standard error is the sample
@@ -533,7 +585,7 @@ def hutchinson_trace(
         z = jax.random.rademacher(probe_key, template.shape, template.dtype)
         return jnp.vdot(z, flat_matvec(z))
 
-    values = jax.lax.map(probe, jax.random.split(key, num_probes))
+    values = _map(probe, jax.random.split(key, num_probes), _resolve_unroll(unroll, params_like))
     standard_error = jnp.std(values, ddof=1) / math.sqrt(num_probes)
     return TraceEstimate(trace=jnp.mean(values), standard_error=standard_error)
 
@@ -548,6 +600,7 @@ def spectral_density(
     grid: jax.Array | int = 512,
     sigma: float | None = None,
     reorthogonalize: bool = True,
+    unroll: bool | None = None,
 ) -> SpectralDensity:
     r"""Eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
@@ -572,6 +625,9 @@ def spectral_density(
         ``[min node - 5 sigma, max node + 5 sigma]``.
       sigma: Gaussian smoothing width; default 1% of the range of the nodes.
       reorthogonalize: Full reorthogonalisation inside each Lanczos run.
+      unroll: Unroll the loops over probes and iterations (see the module docstring;
+        ``None``: automatic). Unrolled, compile time grows with ``num_probes *
+        num_iterations``.
 
     Returns:
       :class:`SpectralDensity` ``(grid, density, nodes, weights)``.
@@ -597,16 +653,18 @@ def spectral_density(
     elif isinstance(grid, bool) or grid < 2:
         raise ValueError(f"grid must be an array or an integer number of points >= 2, got {grid}")
 
+    unroll = _resolve_unroll(unroll, params_like)
+
     def probe(probe_key: PRNGKey) -> tuple[jax.Array, jax.Array]:
         start_key, restart_key = jax.random.split(probe_key)
         start = jax.random.rademacher(start_key, template.shape, template.dtype)
         alphas, betas, _ = _lanczos_flat(
-            restart_key, flat_matvec, start, num_iterations, reorthogonalize, False
+            restart_key, flat_matvec, start, num_iterations, reorthogonalize, False, unroll
         )
         nodes, vectors = jnp.linalg.eigh(_tridiagonal(alphas, betas))
         return nodes, jnp.square(vectors[0])
 
-    nodes, weights = jax.lax.map(probe, jax.random.split(key, num_probes))
+    nodes, weights = _map(probe, jax.random.split(key, num_probes), unroll)
     low, high = jnp.min(nodes), jnp.max(nodes)
     if sigma is None:
         spread = high - low
@@ -630,6 +688,7 @@ def sam_sharpness(
     num_steps: int = 1,
     step_size: float | jax.Array | None = None,
     initial_perturbation: Params | None = None,
+    unroll: bool | None = None,
 ) -> jax.Array:
     r"""SAM sharpness :math:`\max_{\|\epsilon\|_2 \le \rho} L(\theta+\epsilon) - L(\theta)`.
 
@@ -656,6 +715,7 @@ def sam_sharpness(
       step_size: :math:`\eta > 0`; default ``rho``.
       initial_perturbation: :math:`\epsilon_0` (a pytree like ``params``, projected onto
         the ball); zero if ``None``.
+      unroll: Unroll the ascent steps (see the module docstring; ``None``: automatic).
 
     Returns:
       Scalar sharpness estimate (:math:`\ge 0` up to rounding for a convex loss).
@@ -666,7 +726,9 @@ def sam_sharpness(
       >>> float(sam_sharpness(loss, jnp.array([3.0, 4.0]), 1.0))  # 0.5 * (6^2 - 5^2)
       5.5
     """
-    return _ascent_sharpness(loss, params, rho, None, num_steps, step_size, initial_perturbation)
+    return _ascent_sharpness(
+        loss, params, rho, None, num_steps, step_size, initial_perturbation, unroll
+    )
 
 
 def adaptive_sharpness(
@@ -678,6 +740,7 @@ def adaptive_sharpness(
     num_steps: int = 1,
     step_size: float | jax.Array | None = None,
     initial_perturbation: Params | None = None,
+    unroll: bool | None = None,
 ) -> jax.Array:
     r"""Adaptive (ASAM) sharpness: the maximum over a ball scaled by the weights.
 
@@ -698,6 +761,7 @@ def adaptive_sharpness(
       num_steps: Ascent steps (static).
       step_size: Step in the scaled coordinates; default ``rho``.
       initial_perturbation: :math:`\epsilon_0` in parameter units; zero if ``None``.
+      unroll: Unroll the ascent steps (see the module docstring; ``None``: automatic).
 
     Returns:
       Scalar sharpness estimate.
@@ -710,7 +774,9 @@ def adaptive_sharpness(
     """
     _check_nonnegative("eta", eta)
     scale = jax.tree.map(lambda leaf: jnp.abs(leaf) + jnp.asarray(eta, leaf.dtype), params)
-    return _ascent_sharpness(loss, params, rho, scale, num_steps, step_size, initial_perturbation)
+    return _ascent_sharpness(
+        loss, params, rho, scale, num_steps, step_size, initial_perturbation, unroll
+    )
 
 
 def posterior_sharpness(
@@ -725,14 +791,16 @@ def posterior_sharpness(
     eta: float | jax.Array = 0.0,
     random_start: bool = False,
     model_states: ModelState | None = None,
+    strategy: str = "auto",
+    unroll: bool | None = None,
 ) -> PosteriorStatistic:
     r"""SAM (or ASAM) sharpness averaged over posterior samples.
 
     For every sample :math:`\theta_s` (a leading axis of ``samples``) computes
     :func:`sam_sharpness` (or :func:`adaptive_sharpness` with ``adaptive=True``), one sample
-    at a time (``lax.map``), and summarises them. This is the flatness measure of F-BNN
-    (one-step SAM sharpness of SWAG / MC-dropout / ensemble samples) and of SA-BMA's
-    comparison.
+    at a time (``lax.map`` or a Python loop, see ``strategy``), and summarises them. This is
+    the flatness measure of F-BNN (one-step SAM sharpness of SWAG / MC-dropout / ensemble
+    samples) and of SA-BMA's comparison.
 
     Args:
       key: PRNG key; used only with ``random_start`` (one key per sample).
@@ -748,6 +816,11 @@ def posterior_sharpness(
         ``rho`` (in the ball's norm) instead of 0.
       model_states: Optional per-sample model states (e.g. BatchNorm statistics re-estimated
         per SWAG sample) with the same leading axis; passed to ``loss`` and not perturbed.
+      strategy: Loop over samples: ``"map"`` (``lax.map``, works under ``jit``),
+        ``"python"`` (one jitted per-sample function called from Python for each sample;
+        needs concrete samples), or ``"auto"``: ``"python"`` on the CPU backend for
+        convolutional parameters outside ``jit``, else ``"map"`` (see the module docstring).
+      unroll: Unroll the ascent steps (``None``: automatic).
 
     Returns:
       :class:`PosteriorStatistic` ``(mean, std, values)``.
@@ -763,6 +836,8 @@ def posterior_sharpness(
     num_samples = _num_samples(samples, "samples")
     if model_states is not None:
         _num_samples(model_states, "model_states", expected=num_samples)
+    _check_strategy(strategy)
+    _check_unroll(unroll)
     _check_positive_int("num_steps", num_steps)
     if not adaptive and _concrete_float(eta) not in (None, 0.0):
         raise ValueError("eta is only used with adaptive=True")
@@ -784,6 +859,7 @@ def posterior_sharpness(
                 num_steps=num_steps,
                 step_size=step_size,
                 initial_perturbation=initial,
+                unroll=unroll,
             )
         return sam_sharpness(
             sample_loss,
@@ -792,11 +868,11 @@ def posterior_sharpness(
             num_steps=num_steps,
             step_size=step_size,
             initial_perturbation=initial,
+            unroll=unroll,
         )
 
     keys = jax.random.split(key, num_samples)
-    values = jax.lax.map(one, (keys, samples, model_states))
-    return _summarise(values)
+    return _summarise(_map_samples(one, (keys, samples, model_states), strategy))
 
 
 def posterior_top_eigenvalue(
@@ -807,11 +883,14 @@ def posterior_top_eigenvalue(
     num_iterations: int = 20,
     reorthogonalize: bool = True,
     model_states: ModelState | None = None,
+    strategy: str = "auto",
+    unroll: bool | None = None,
 ) -> PosteriorStatistic:
     r"""The largest Hessian eigenvalue averaged over posterior samples (SA-BMA's flatness).
 
     For every sample :math:`\theta_s` runs :func:`top_hessian_eigenvalues` (``k=1``) with its
-    own key, one sample at a time (``lax.map``), and summarises the values.
+    own key, one sample at a time (``lax.map`` or a Python loop, see ``strategy``), and
+    summarises the values.
 
     Args:
       key: PRNG key (split into one Lanczos start per sample).
@@ -821,6 +900,9 @@ def posterior_top_eigenvalue(
       num_iterations: Lanczos iterations (HVPs) per sample (static).
       reorthogonalize: Full reorthogonalisation.
       model_states: Optional per-sample model states with the same leading axis.
+      strategy: Loop over samples, one of :data:`SAMPLE_STRATEGIES` (see
+        :func:`posterior_sharpness`).
+      unroll: Unroll the Lanczos iterations (``None``: automatic).
 
     Returns:
       :class:`PosteriorStatistic` ``(mean, std, values)``.
@@ -836,6 +918,8 @@ def posterior_top_eigenvalue(
     num_samples = _num_samples(samples, "samples")
     if model_states is not None:
         _num_samples(model_states, "model_states", expected=num_samples)
+    _check_strategy(strategy)
+    _check_unroll(unroll)
 
     def one(arguments: tuple[PRNGKey, Params, ModelState | None]) -> jax.Array:
         sample_key, params, model_state = arguments
@@ -849,11 +933,12 @@ def posterior_top_eigenvalue(
             k=1,
             num_iterations=num_iterations,
             reorthogonalize=reorthogonalize,
+            unroll=unroll,
         )
         return result.eigenvalues[0]
 
     keys = jax.random.split(key, num_samples)
-    return _summarise(jax.lax.map(one, (keys, samples, model_states)))
+    return _summarise(_map_samples(one, (keys, samples, model_states), strategy))
 
 
 # Helpers -------------------------------------------------------------------------------------
@@ -866,6 +951,7 @@ def _lanczos_flat(
     num_iterations: int,
     reorthogonalize: bool,
     return_basis: bool,
+    unroll: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Lanczos on flat vectors; returns ``(alphas, betas, basis or None)``."""
     dimension = start.shape[0]
@@ -912,8 +998,51 @@ def _lanczos_flat(
         return (basis, following, vector, beta), (alpha, beta)
 
     carry = (basis, first, jnp.zeros_like(first), jnp.zeros((), dtype))
-    (basis, *_), (alphas, betas) = jax.lax.scan(step, carry, jnp.arange(num_iterations))
+    (basis, *_), (alphas, betas) = jax.lax.scan(
+        step, carry, jnp.arange(num_iterations), unroll=unroll
+    )
     return alphas, betas[:-1], basis if return_basis else None
+
+
+def _has_convolution_kernels(params: Params, num_leading_axes: int = 0) -> bool:
+    """Whether some leaf has rank >= 3 (a convolution kernel), after the leading axes."""
+    return any(_ndim(leaf) - num_leading_axes >= 3 for leaf in jax.tree.leaves(params))
+
+
+def _resolve_unroll(unroll: bool | None, params: Params) -> bool:
+    """``unroll``, or the automatic choice: unroll on CPU for convolutional parameters."""
+    _check_unroll(unroll)
+    if unroll is None:
+        return jax.default_backend() == "cpu" and _has_convolution_kernels(params)
+    return bool(unroll)
+
+
+def _map(function: Callable[[Any], Any], xs: Any, unroll: bool) -> Any:
+    """``lax.map``, optionally fully unrolled."""
+    if not unroll:
+        return jax.lax.map(function, xs)
+    _, outputs = jax.lax.scan(lambda carry, x: (carry, function(x)), None, xs, unroll=True)
+    return outputs
+
+
+def _map_samples(function: Callable[[Any], jax.Array], arguments: Any, strategy: str) -> jax.Array:
+    """Applies ``function`` to every sample (leading axis of ``arguments``)."""
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments))
+    if strategy == "auto":
+        convolutional = _has_convolution_kernels(arguments[1], num_leading_axes=1)
+        cpu = jax.default_backend() == "cpu"
+        strategy = "python" if cpu and convolutional and not traced else "map"
+    if strategy == "map":
+        return jax.lax.map(function, arguments)
+    if traced:
+        raise ValueError("strategy='python' needs concrete samples: use 'map' under jax.jit")
+    # One compilation; the samples are arguments, so the loss is never constant-folded.
+    compiled = jax.jit(function)
+    num_samples = jax.tree.leaves(arguments[1])[0].shape[0]
+    values = [
+        compiled(jax.tree.map(lambda leaf, i=i: leaf[i], arguments)) for i in range(num_samples)
+    ]
+    return jnp.stack(values)
 
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
@@ -928,6 +1057,7 @@ def _ascent_sharpness(
     num_steps: int,
     step_size: float | jax.Array | None,
     initial_perturbation: Params | None,
+    unroll: bool | None,
 ) -> jax.Array:
     """Projected normalised ascent in ``z = epsilon / scale`` on the ball ``||z|| <= rho``."""
     _check_nonnegative("rho", rho)
@@ -979,7 +1109,13 @@ def _ascent_sharpness(
 
     best = jnp.full((), -jnp.inf, jnp.result_type(base))
     if num_steps > 1:
-        (z, grad, best), _ = jax.lax.scan(body, (z, grad, best), None, length=num_steps - 1)
+        (z, grad, best), _ = jax.lax.scan(
+            body,
+            (z, grad, best),
+            None,
+            length=num_steps - 1,
+            unroll=_resolve_unroll(unroll, params),
+        )
     final = loss(perturbed(ascend(z, grad)))
     return jnp.maximum(best, final) - base
 
@@ -1022,6 +1158,11 @@ def _flatten_matvec(
 
 def _zeros_like(tree: Params) -> Params:
     return jax.tree.map(lambda leaf: jnp.zeros(jnp.shape(leaf), _dtype(leaf)), tree)
+
+
+def _ndim(leaf: Any) -> int:
+    shape = getattr(leaf, "shape", None)
+    return len(np.shape(leaf) if shape is None else shape)
 
 
 def _dtype(leaf: Any) -> Any:
@@ -1084,6 +1225,16 @@ def _check_iterations(num_iterations: Any, dimension: int) -> None:
             f"num_iterations ({num_iterations}) must not exceed the number of parameters "
             f"({dimension})"
         )
+
+
+def _check_unroll(unroll: Any) -> None:
+    if unroll is not None and not isinstance(unroll, bool | np.bool_):
+        raise ValueError(f"unroll must be True, False or None, got {unroll!r}")
+
+
+def _check_strategy(strategy: Any) -> None:
+    if strategy not in SAMPLE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SAMPLE_STRATEGIES}, got {strategy!r}")
 
 
 def _check_positive_int(name: str, value: Any) -> None:

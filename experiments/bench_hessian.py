@@ -6,13 +6,16 @@ random labels (loss from :func:`bnn_flat.sharpness.make_loss_for_hessian`, evalu
 
 * one gradient and one Hessian-vector product (HVP), for the ratio HVP / gradient;
 * :func:`bnn_flat.sharpness.top_hessian_eigenvalues` (k=5, ``num_iterations`` Lanczos
-  steps with full reorthogonalisation), compiled once under ``jax.jit``.
+  steps with full reorthogonalisation), compiled once under ``jax.jit``. On CPU its loops
+  are unrolled automatically (XLA:CPU runs convolution gradients inside loops on a slow
+  path); ``--unroll=0`` forces the compiled loop for comparison.
 
-For each ``batch_size`` (``0`` = one pass over all examples) it prints compile seconds and
-the median of ``repeats`` warm runs, the HVP count, and the eigenvalues.
+For each ``batch_size`` (``0`` = one pass over all examples) it prints compile seconds,
+warm wall-clock and process CPU seconds (medians; the CPU time is less sensitive to other
+jobs on a shared machine), the HVP count, the compiled temporary memory and the eigenvalues.
 
 Run:
-  python -m experiments.bench_hessian --num_examples=1000 --batch_sizes=0,250 --repeats=2
+  python -m experiments.bench_hessian --num_examples=1000 --batch_sizes=0,250
 """
 
 from __future__ import annotations
@@ -23,22 +26,27 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from bnn_flat import models, sharpness
 
 
-def _timed(fn, arguments: tuple, repeats: int) -> tuple[float, float, object]:
-    """Returns (first-call seconds, median warm seconds, last output) of ``fn(*arguments)``."""
+def _timed(fn, arguments: tuple, repeats: int) -> dict[str, object]:
+    """First-call seconds and medians of warm wall/CPU seconds of ``fn(*arguments)``."""
     begin = time.perf_counter()
     output = jax.block_until_ready(fn(*arguments))
     first = time.perf_counter() - begin
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         output = jax.block_until_ready(fn(*arguments))
-        times.append(time.perf_counter() - begin)
-    return first, statistics.median(times), output
+        walls.append(time.perf_counter() - begin)
+        cpus.append(time.process_time() - begin_cpu)
+    return {
+        "first": first,
+        "wall": statistics.median(walls),
+        "cpu": statistics.median(cpus),
+        "output": output,
+    }
 
 
 def main() -> None:
@@ -47,9 +55,12 @@ def main() -> None:
     parser.add_argument("--batch_sizes", default="0,250", help="comma-separated; 0 = all")
     parser.add_argument("--num_iterations", type=int, default=20)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="warm runs of gradient and HVP")
+    parser.add_argument("--lanczos_repeats", type=int, default=1, help="warm Lanczos runs")
+    parser.add_argument("--unroll", type=int, default=-1, help="-1 automatic, 0 loop, 1 unroll")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
+    unroll = None if args.unroll < 0 else bool(args.unroll)
 
     module = models.resnet20(num_classes=10, norm="batch")
     data_key, label_key, init_key, lanczos_key = jax.random.split(jax.random.key(0), 4)
@@ -60,48 +71,67 @@ def main() -> None:
     _, model_state = jax.jit(lambda p, s, x: apply_fn(p, s, x, train=True))(
         params, model_state, inputs[:250]
     )
-    num_params = models.num_params(params)
-    print(f"ResNet-20 (BatchNorm): {num_params} parameters, {args.num_examples} examples")
-    print(f"devices: {jax.devices()}", flush=True)
+    print(
+        f"ResNet-20 (BatchNorm): {models.num_params(params)} parameters, "
+        f"{args.num_examples} examples, {args.num_iterations} Lanczos iterations, "
+        f"unroll={unroll}, devices {jax.devices()}",
+        flush=True,
+    )
 
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         print(f"batch size {batch_size or args.num_examples}:", flush=True)
         loss = sharpness.make_loss_for_hessian(
-            apply_fn, model_state, inputs, labels, batch_size=batch_size or None
+            apply_fn, model_state, inputs, labels, batch_size=batch_size or None, unroll=unroll
         )
         grad = jax.jit(jax.grad(loss))
         single_hvp = jax.jit(lambda p, v, loss=loss: sharpness.hvp(loss, p, v))
         top = jax.jit(
             lambda key, p, loss=loss: sharpness.top_hessian_eigenvalues(
-                key, loss, p, k=args.k, num_iterations=args.num_iterations
+                key, loss, p, k=args.k, num_iterations=args.num_iterations, unroll=unroll
             )
         )
-        grad_first, grad_seconds, _ = _timed(grad, (params,), args.repeats)
-        print(f"  gradient: first call {grad_first:.1f} s, warm {grad_seconds:.2f} s", flush=True)
-        hvp_first, hvp_seconds, _ = _timed(single_hvp, (params, params), args.repeats)
-        print(f"  HVP: first call {hvp_first:.1f} s, warm {hvp_seconds:.2f} s", flush=True)
+        gradient = _timed(grad, (params,), args.repeats)
+        print(
+            f"  gradient: first call {gradient['first']:.1f} s; warm {gradient['wall']:.2f} s "
+            f"wall, {gradient['cpu']:.2f} s CPU",
+            flush=True,
+        )
+        product = _timed(single_hvp, (params, params), args.repeats)
+        print(
+            f"  HVP: first call {product['first']:.1f} s; warm {product['wall']:.2f} s wall, "
+            f"{product['cpu']:.2f} s CPU (HVP/gradient CPU {product['cpu'] / gradient['cpu']:.2f})",
+            flush=True,
+        )
         compile_begin = time.perf_counter()
         compiled = top.lower(lanczos_key, params).compile()
         compile_seconds = time.perf_counter() - compile_begin
+        memory = compiled.memory_analysis()
+        temp_megabytes = None if memory is None else memory.temp_size_in_bytes / 1e6
         print(f"  Lanczos compiled in {compile_seconds:.1f} s", flush=True)
-        _, lanczos_seconds, result = _timed(compiled, (lanczos_key, params), args.repeats)
+        lanczos = _timed(compiled, (lanczos_key, params), args.lanczos_repeats)
+        result = lanczos["output"]
         row = {
             "batch_size": batch_size or args.num_examples,
-            "gradient_seconds": grad_seconds,
-            "hvp_seconds": hvp_seconds,
+            "gradient_wall_seconds": gradient["wall"],
+            "gradient_cpu_seconds": gradient["cpu"],
+            "hvp_wall_seconds": product["wall"],
+            "hvp_cpu_seconds": product["cpu"],
             "lanczos_compile_seconds": compile_seconds,
-            "lanczos_seconds": lanczos_seconds,
+            "lanczos_first_call_seconds": lanczos["first"],
+            "lanczos_wall_seconds": lanczos["wall"],
+            "lanczos_cpu_seconds": lanczos["cpu"],
+            "lanczos_temp_megabytes": temp_megabytes,
             "num_hessian_vector_products": int(result.num_hessian_vector_products),
-            "seconds_per_hvp_in_lanczos": lanczos_seconds / args.num_iterations,
             "eigenvalues": [round(float(x), 5) for x in result.eigenvalues],
         }
         results.append(row)
         print(
-            f"batch {row['batch_size']:5d}: gradient {grad_seconds:.2f} s, HVP {hvp_seconds:.2f} s "
-            f"(HVP/gradient {hvp_seconds / grad_seconds:.2f}); top-{args.k} Lanczos "
-            f"({row['num_hessian_vector_products']} HVPs): {lanczos_seconds:.1f} s warm "
-            f"({row['seconds_per_hvp_in_lanczos']:.2f} s/HVP), compile {compile_seconds:.1f} s"
+            f"  top-{args.k} Lanczos ({row['num_hessian_vector_products']} HVPs): "
+            f"{lanczos['wall']:.1f} s wall, {lanczos['cpu']:.1f} s CPU warm "
+            f"({lanczos['wall'] / args.num_iterations:.2f} s wall per HVP); compile "
+            f"{compile_seconds:.1f} s; temp memory {temp_megabytes:.0f} MB",
+            flush=True,
         )
         print(f"  eigenvalues: {row['eigenvalues']}", flush=True)
     if args.json:
@@ -110,5 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    jnp.zeros(())  # initialise the backend before timing
     main()

@@ -325,7 +325,7 @@ def test_mlp_hvp_and_top_eigenvalues_match_dense_hessian(tiny_mlp):
     product = sharpness.hvp(loss, params, tiny_mlp["unravel"](jnp.asarray(vector, jnp.float32)))
     np.testing.assert_allclose(ravel_pytree(product)[0], hessian @ vector, atol=1e-4)
     top = jax.jit(
-        lambda key, p: sharpness.top_hessian_eigenvalues(key, loss, p, k=5, num_iterations=120)
+        lambda key, p: sharpness.top_hessian_eigenvalues(key, loss, p, k=5, num_iterations=30)
     )(jax.random.key(0), params)
     exact = np.sort(np.linalg.eigvalsh(hessian))[::-1][:5]
     np.testing.assert_allclose(top.eigenvalues, exact, atol=1e-4)
@@ -414,9 +414,7 @@ def test_batchnorm_loss_is_in_eval_mode_and_independent_of_batch_composition():
     assert float(jnp.abs(model_state["batch_stats"]["BatchNorm_0"]["mean"]).max()) > 0.1
 
     def make(x, y, batch_size=None):
-        return jax.jit(
-            sharpness.make_loss_for_hessian(apply_fn, model_state, x, y, batch_size=batch_size)
-        )
+        return sharpness.make_loss_for_hessian(apply_fn, model_state, x, y, batch_size=batch_size)
 
     permutation = np.random.default_rng(0).permutation(12)
     value = float(make(inputs, labels)(params))
@@ -610,3 +608,74 @@ def test_posterior_top_eigenvalue_averages_per_sample_values():
     )
     np.testing.assert_allclose(identical.values, [expected[0]] * 3, rtol=1e-4)
     np.testing.assert_allclose(identical.std, 0.0, atol=1e-5)
+
+
+# Loop strategies (XLA:CPU convolutions in loops) ----------------------------------------------
+
+
+def test_unrolled_loops_equal_compiled_loops():
+    loss = _quadratic_loss(MATRIX, LINEAR)
+    point = _split(jnp.asarray(POINT, jnp.float32))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def measures(unroll, key, point):
+        top = sharpness.top_hessian_eigenvalues(
+            key, loss, point, k=3, num_iterations=4, unroll=unroll
+        )
+        trace = sharpness.hutchinson_trace(key, _matvec(MATRIX), PARAMS_LIKE, 2, unroll=unroll)
+        sharp = sharpness.sam_sharpness(loss, point, 0.5, num_steps=3, unroll=unroll)
+        return jnp.concatenate([top.eigenvalues, jnp.stack([trace.trace, sharp])])
+
+    key = jax.random.key(2)
+    np.testing.assert_allclose(measures(True, key, point), measures(False, key, point), rtol=2e-5)
+
+
+def test_batched_loss_unrolled_equals_scanned():
+    apply_fn = lambda p, s, x, *, train, key: (jnp.tanh(x @ p["w"]) @ p["v"], s)  # noqa: E731
+    rng = np.random.default_rng(0)
+    inputs = jnp.asarray(rng.normal(size=(10, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 2, size=10), jnp.int32)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "v": jnp.ones((4, 2))}
+    vector = jax.tree.map(jnp.ones_like, params)
+    results = []
+    for unroll in (True, False):
+        loss = sharpness.make_loss_for_hessian(
+            apply_fn, {}, inputs, labels, batch_size=4, unroll=unroll
+        )
+        results.append(ravel_pytree(sharpness.hvp(loss, params, vector))[0])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-7)
+
+
+def test_automatic_unroll_follows_backend_and_kernel_rank():
+    conv_params = {"kernel": jnp.zeros((3, 3, 1, 4)), "bias": jnp.zeros(4)}
+    dense_params = {"kernel": jnp.zeros((5, 4))}
+    on_cpu = jax.default_backend() == "cpu"
+    assert sharpness._resolve_unroll(None, conv_params) == on_cpu
+    assert sharpness._resolve_unroll(None, dense_params) is False
+    assert sharpness._resolve_unroll(True, dense_params) is True
+    with pytest.raises(ValueError, match="unroll must be True, False or None"):
+        sharpness.power_iteration(jax.random.key(0), _matvec(MATRIX), PARAMS_LIKE, 3, unroll="yes")
+
+
+def test_posterior_python_strategy_equals_map():
+    loss = _quadratic_loss(MATRIX, LINEAR)
+    samples = jax.vmap(_split)(jnp.asarray(np.random.default_rng(4).normal(size=(3, 50))))
+    samples = jax.tree.map(lambda x: x.astype(jnp.float32), samples)
+    key = jax.random.key(5)
+    for function, kwargs in (
+        (sharpness.posterior_sharpness, {"rho": 0.1, "random_start": True}),
+        (sharpness.posterior_top_eigenvalue, {"num_iterations": 3}),
+    ):
+        by_map = function(key, loss, samples, strategy="map", **kwargs)
+        by_python = function(key, loss, samples, strategy="python", **kwargs)
+        np.testing.assert_allclose(by_python.values, by_map.values, rtol=1e-5)
+    with pytest.raises(ValueError, match="strategy='python' needs concrete samples"):
+        jax.jit(
+            lambda s: (
+                sharpness.posterior_top_eigenvalue(
+                    key, loss, s, num_iterations=4, strategy="python"
+                ).mean
+            )
+        )(samples)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        sharpness.posterior_top_eigenvalue(key, loss, samples, strategy="vmap")
