@@ -69,15 +69,15 @@ def bench_model(name: str, num_samples: int, batch_size: int, repeats: int) -> d
     for family_name, family in families.items():
         state = family.init(params, model_state)
         if family_name == "swag":  # fill the deviation buffer so the low-rank term is real
-            state = jax.jit(family.update)(jax.random.key(2), state, {"inputs": inputs,
-                                                                      "labels": labels})[0]
+            state = jax.jit(family.update)(
+                jax.random.key(2), state, {"inputs": inputs, "labels": labels}
+            )[0]
         fn = jax.jit(
             lambda key, state, x, family=family: bma.posterior_predictive(
                 key, family, state, apply_fn, x, num_samples=num_samples
             )[0]
         )
-        seconds = _median(lambda fn=fn, state=state: fn(jax.random.key(3), state, inputs),
-                          repeats)
+        seconds = _median(lambda fn=fn, state=state: fn(jax.random.key(3), state, inputs), repeats)
         result[f"{family_name}.seconds"] = seconds
         result[f"{family_name}.over_ideal"] = seconds / result["ideal_seconds"]
 
