@@ -31,7 +31,8 @@ stacked posterior samples.
 into the full-data mean loss with BatchNorm and dropout in evaluation mode (``train=False``),
 so the value does not depend on how the data are batched. With ``batch_size`` it sums over
 batches in a ``lax.scan`` whose body is rematerialised (``jax.checkpoint``): gradients and
-HVPs of the sum are sums of per-batch ones, and memory is that of one batch.
+HVPs of the sum are sums of per-batch ones, and memory is that of one batch (see the CPU
+caveat below).
 
 Everything is jit-compatible (except ``strategy="python"``); iteration and probe counts are
 Python ints (static).
@@ -39,15 +40,17 @@ Python ints (static).
 **Loops on CPU.** XLA:CPU rewrites convolutions into its fast (Eigen) form only at the top
 level of a program, not inside while-loop bodies, so the weight-gradient convolutions of an
 HVP or gradient inside ``lax.scan`` take a slow generic path: six Lanczos iterations on a
-ResNet-20 (64 examples) measured 35x slower as a scan than unrolled
-(``experiments/bench_hessian.py --unroll=0`` reproduces the comparison). Every loop here
-that evaluates gradients or HVPs therefore takes ``unroll``: ``True`` unrolls it
-(``lax.scan(..., unroll=True)``: straight-line code, compile time proportional to the number
-of steps), ``False`` keeps a compiled loop, and ``None`` (default) unrolls on the CPU
-backend when some parameter has rank 3 or more (a convolution kernel) and loops otherwise.
-The posterior averages run one jitted function per sample from Python on CPU for
-convolutional models (``strategy``), since unrolling the samples too would multiply the
-compile time by their number.
+ResNet-20 (64 examples) measured 35x slower as a scan than unrolled (compare
+``python -m experiments.bench_hessian --num_examples=64 --num_iterations=6`` with
+``--unroll=0`` and ``--unroll=1``). Every loop here that evaluates gradients or HVPs
+therefore takes ``unroll``: ``True`` unrolls it (``lax.scan(..., unroll=True)``:
+straight-line code, compile time proportional to the number of steps), ``False`` keeps a
+compiled loop, and ``None`` (the default, except for the batch loop of
+:func:`make_loss_for_hessian`, which stays a loop to bound memory) unrolls on the CPU backend
+when some parameter has rank 3 or more (a convolution kernel) and loops otherwise. The
+posterior averages run one jitted function per sample from Python on CPU for convolutional
+models (``strategy``), since unrolling the samples too would multiply the compile time by
+their number.
 
 References:
   Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
@@ -230,7 +233,7 @@ def make_loss_for_hessian(
     *,
     prior_precision: float = 0.0,
     num_data: int | None = None,
-    unroll: bool | None = None,
+    unroll: bool | None = False,
 ) -> Callable[[Params], jax.Array]:
     r"""The mean loss over a data set, in evaluation mode, as a function of the parameters.
 
@@ -242,7 +245,7 @@ def make_loss_for_hessian(
     how the examples are batched. With ``batch_size`` the sum runs over batches in a
     ``lax.scan`` with a rematerialised body, so gradients and HVPs cost one batch of memory
     (a short last batch is padded with repeated examples of weight zero). The HVP of the sum
-    is the sum of the per-batch HVPs.
+    is the sum of the per-batch HVPs. On CPU, see ``unroll``.
 
     Args:
       apply_fn: Model in the contract ``apply(params, model_state, inputs, *, train, key)``.
@@ -256,8 +259,12 @@ def make_loss_for_hessian(
       prior_precision: :math:`\lambda \ge 0` of an isotropic Gaussian prior (0: none).
       num_data: :math:`N_\text{data}` dividing the prior term (default ``N``), as in the
         library's per-datum objective.
-      unroll: Unroll the loop over batches (see the module docstring); ``None`` decides
-        from the parameters when the loss is traced.
+      unroll: How to loop over batches. ``False`` (default): a compiled loop, memory of one
+        batch; on XLA:CPU its convolution gradients take the slow path (see the module
+        docstring), so on CPU prefer ``batch_size=None`` when the data fit. ``True``:
+        unrolled and fast on CPU, but memory is not bounded: XLA then keeps buffers per
+        Lanczos iteration (ResNet-20, 4 batches of 50: 1.9 GB at 3 iterations, 3.3 GB at 6;
+        4 batches of 250 at 20 iterations requested 47 GB). ``None``: the automatic rule.
 
     Returns:
       ``loss(params) -> scalar``.
@@ -1266,5 +1273,5 @@ def _check_positive(name: str, value: Any) -> None:
 def _check_finite_data(array: jax.Array, name: str) -> None:
     if isinstance(array, jax.core.Tracer):
         return
-    if jnp.issubdtype(array.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(array))):
+    if jnp.issubdtype(array.dtype, jnp.inexact) and not np.all(np.isfinite(np.asarray(array))):
         raise ValueError(f"{name} contains NaN or infinite values")

@@ -322,13 +322,17 @@ def test_mlp_hvp_and_top_eigenvalues_match_dense_hessian(tiny_mlp):
     dimension = hessian.shape[0]
     assert 200 <= dimension <= 300  # 4*16+16 + 16*8+8 + 8*3+3 = 243
     vector = np.random.default_rng(0).normal(size=dimension)
-    product = sharpness.hvp(loss, params, tiny_mlp["unravel"](jnp.asarray(vector, jnp.float32)))
-    np.testing.assert_allclose(ravel_pytree(product)[0], hessian @ vector, atol=1e-4)
-    top = jax.jit(
-        lambda key, p: sharpness.top_hessian_eigenvalues(key, loss, p, k=5, num_iterations=30)
-    )(jax.random.key(0), params)
+
+    @jax.jit
+    def product_and_top(key, p, v):
+        product = ravel_pytree(sharpness.hvp(loss, p, tiny_mlp["unravel"](v)))[0]
+        top = sharpness.top_hessian_eigenvalues(key, loss, p, k=5, num_iterations=30)
+        return product, top.eigenvalues
+
+    product, top = product_and_top(jax.random.key(0), params, jnp.asarray(vector, jnp.float32))
+    np.testing.assert_allclose(product, hessian @ vector, atol=1e-4)
     exact = np.sort(np.linalg.eigvalsh(hessian))[::-1][:5]
-    np.testing.assert_allclose(top.eigenvalues, exact, atol=1e-4)
+    np.testing.assert_allclose(top, exact, atol=1e-4)
 
 
 def test_batched_loss_equals_full_loss_and_its_hvp(tiny_mlp):
@@ -417,25 +421,31 @@ def test_batchnorm_loss_is_in_eval_mode_and_independent_of_batch_composition():
         return sharpness.make_loss_for_hessian(apply_fn, model_state, x, y, batch_size=batch_size)
 
     permutation = np.random.default_rng(0).permutation(12)
-    value = float(make(inputs, labels)(params))
-    np.testing.assert_allclose(
-        make(inputs[permutation], labels[permutation], 5)(params), value, rtol=1e-5
-    )
-    halves = 0.5 * (make(inputs[:6], labels[:6])(params) + make(inputs[6:], labels[6:])(params))
-    np.testing.assert_allclose(halves, value, rtol=1e-5)
 
-    # Eval mode by hand: running statistics, no dropout.
-    logits, _ = apply_fn(params, model_state, inputs, train=False)
-    expected = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(12), labels])
-    np.testing.assert_allclose(value, expected, rtol=1e-6)
-
-    # Training mode (batch statistics) would depend on the batches: the halves differ.
-    def train_loss(x, y):
-        logits, _ = apply_fn(params, model_state, x, train=True, key=key_dropout)
+    def train_loss(p, x, y):
+        logits, _ = apply_fn(p, model_state, x, train=True, key=key_dropout)
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
 
-    train_halves = 0.5 * (train_loss(inputs[:6], labels[:6]) + train_loss(inputs[6:], labels[6:]))
-    assert abs(float(train_halves) - float(train_loss(inputs, labels))) > 1e-3
+    @jax.jit
+    def values(p):
+        logits, _ = apply_fn(p, model_state, inputs, train=False)
+        return {
+            "full": make(inputs, labels)(p),
+            "shuffled": make(inputs[permutation], labels[permutation], 5)(p),
+            "halves": 0.5 * (make(inputs[:6], labels[:6])(p) + make(inputs[6:], labels[6:])(p)),
+            # Eval mode by hand: running statistics, no dropout.
+            "by_hand": -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(12), labels]),
+            "train_full": train_loss(p, inputs, labels),
+            "train_halves": 0.5
+            * (train_loss(p, inputs[:6], labels[:6]) + train_loss(p, inputs[6:], labels[6:])),
+        }
+
+    result = values(params)
+    np.testing.assert_allclose(result["shuffled"], result["full"], rtol=1e-5)
+    np.testing.assert_allclose(result["halves"], result["full"], rtol=1e-5)
+    np.testing.assert_allclose(result["by_hand"], result["full"], rtol=1e-6)
+    # Training mode (batch statistics) would depend on the batches: the halves differ.
+    assert abs(float(result["train_halves"]) - float(result["train_full"])) > 1e-3
 
 
 # SAM and adaptive sharpness ------------------------------------------------------------------
