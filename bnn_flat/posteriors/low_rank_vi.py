@@ -90,6 +90,7 @@ __all__ = [
     "sample",
     "log_prob",
     "variational_parameters",
+    "sample_variational",
     "log_density",
     "entropy",
     "kl_divergence",
@@ -389,6 +390,28 @@ def variational_parameters(state: LowRankVIState) -> dict[str, Params]:
       ['factor', 'mean', 'raw_scale']
     """
     return {"mean": state.params, "raw_scale": state.raw_scale, "factor": state.factor}
+
+
+def sample_variational(
+    key: PRNGKey, variational_params: dict[str, Params], num_samples: int
+) -> Params:
+    r"""``num_samples`` draws from :math:`q_\phi` given its variational parameters.
+
+    Same as :func:`sample` for a dict ``{"mean", "raw_scale", "factor"}`` (for example a
+    Gaussian prior stored in variational form), stacked on a leading axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> phi = {"mean": jnp.zeros(2), "raw_scale": jnp.full(2, inverse_softplus(1.0)),
+      ...        "factor": jnp.zeros((1, 2))}
+      >>> sample_variational(jax.random.key(0), phi, 3).shape
+      (3, 2)
+    """
+    _check_positive_int("num_samples", num_samples)
+    noise = _draw_low_rank_noise(
+        key, variational_params["mean"], _rank(variational_params["factor"]), num_samples
+    )
+    return jax.vmap(_reparameterise, in_axes=(None, 0))(variational_params, noise)
 
 
 def log_density(variational_params: dict[str, Params], params: Params) -> jax.Array:

@@ -573,7 +573,9 @@ def _variational_step(
     Minimises :math:`\mathbb{E}_{\xi}[U_{\text{lik}}(\theta(\phi, \xi))] + w\,
     \mathrm{KL}(q_\phi \Vert p)` with ``num_mc_samples`` draws of :math:`\xi` (vmapped), and
     calls the optimizer with ``grad_fn``/``split_grad_fn`` evaluating the same objective
-    with the same :math:`\xi` and batch. The clean pass's model states are averaged over
+    with the same :math:`\xi` and batch, and ``samples=`` (the clean pass's draws
+    :math:`\theta(\phi, \xi)`, stacked; used by
+    :func:`bnn_flat.transforms.sabma_released`). The clean pass's model states are averaged over
     the samples (floating leaves; other leaves are taken from the first sample); ``grad_fn``
     passes never update them.
 
@@ -647,6 +649,7 @@ def _variational_step(
 
         return make_split_grad_fn(batch_grad_fn, batch)(stacked_phi)
 
+    samples = jax.lax.stop_gradient(jax.vmap(reparameterise, in_axes=(None, 0))(variational, noise))
     updates, opt_state = optimizer.update(
         grads,
         opt_state,
@@ -655,6 +658,7 @@ def _variational_step(
         split_grad_fn=split_grad_fn,
         value=loss,
         key=transform_key,
+        samples=samples,
     )
     variational = optax.apply_updates(variational, updates)
     new_model_state = jax.tree.map(_mean_over_samples, aux.model_state)

@@ -7,6 +7,8 @@
   :func:`vsam` (Ujváry et al., 2022).
 * :mod:`~bnn_flat.transforms.bsam`: the bSAM optimizer and its posterior sampler.
 * :mod:`~bnn_flat.transforms.langevin`: SGLD noise, SGHMC and cyclical schedules.
+* :mod:`~bnn_flat.transforms.sabma`: SA-BMA's Fisher-metric perturbation of a Gaussian
+  posterior's parameters (paper form and released-code form).
 
 The extra-args contract (``grad_fn``, ``split_grad_fn``, ``key``) is described in
 :mod:`bnn_flat.types` and :mod:`bnn_flat.transforms.sam`.
@@ -29,6 +31,14 @@ from bnn_flat.transforms.rethinking import (
     random_sam_direction,
     vsam,
     vsam_inverse_scale_gradient,
+)
+from bnn_flat.transforms.sabma import (
+    posterior_fisher_inverse_product,
+    posterior_fisher_vector_product,
+    released_perturbation,
+    sabma,
+    sabma_direction,
+    sabma_released,
 )
 from bnn_flat.transforms.sam import (
     Direction,
@@ -77,4 +87,11 @@ __all__ = [
     "sghmc",
     "cyclical_schedule",
     "is_sampling_phase",
+    # sabma.py
+    "sabma",
+    "sabma_direction",
+    "sabma_released",
+    "released_perturbation",
+    "posterior_fisher_vector_product",
+    "posterior_fisher_inverse_product",
 ]
