@@ -598,3 +598,99 @@ def test_family_conformance(blobs, bn_families, family_name):
     np.testing.assert_allclose(flat_info.loss, first_info.loss, rtol=1e-6)  # same noise
     assert np.all(np.isfinite(step.params["w1"]))
     assert not np.allclose(step.params["w1"], first_state.params["w1"], rtol=1e-5, atol=1e-6)
+
+
+# Gaussian (low-rank) priors for transfer learning ------------------------------------------
+
+
+def _random_low_rank(key, rank, shapes=((3,), (2, 2))):
+    keys = jax.random.split(key, 3)
+    mean = {
+        f"p{i}": jax.random.normal(jax.random.fold_in(keys[0], i), s) for i, s in enumerate(shapes)
+    }
+    raw = {
+        f"p{i}": -1.0 + 0.5 * jax.random.normal(jax.random.fold_in(keys[1], i), s)
+        for i, s in enumerate(shapes)
+    }
+    factor = {
+        f"p{i}": 0.3 * jax.random.normal(jax.random.fold_in(keys[2], i), (rank, *s))
+        for i, s in enumerate(shapes)
+    }
+    return {"mean": mean, "raw_scale": raw, "factor": factor}
+
+
+def test_kl_between_low_rank_gaussians_matches_dense_formula():
+    from jax.flatten_util import ravel_pytree
+
+    q = _random_low_rank(jax.random.key(0), rank=2)
+    p = _random_low_rank(jax.random.key(1), rank=3)
+    cov_q = low_rank_vi.covariance_matrix(q)
+    cov_p = low_rank_vi.covariance_matrix(p)
+    diff = ravel_pytree(p["mean"])[0] - ravel_pytree(q["mean"])[0]
+    inv_p = jnp.linalg.inv(cov_p)
+    dense = 0.5 * (
+        jnp.trace(inv_p @ cov_q)
+        + diff @ inv_p @ diff
+        - diff.shape[0]
+        + jnp.linalg.slogdet(cov_p)[1]
+        - jnp.linalg.slogdet(cov_q)[1]
+    )
+    np.testing.assert_allclose(low_rank_vi.kl_divergence_between(q, p), dense, rtol=1e-4)
+    np.testing.assert_allclose(low_rank_vi.kl_divergence_between(q, q), 0.0, atol=1e-5)
+
+
+def test_kl_between_reduces_to_isotropic_prior():
+    q = _random_low_rank(jax.random.key(2), rank=2)
+    precision = 4.0
+    isotropic = {
+        "mean": jax.tree.map(jnp.zeros_like, q["mean"]),
+        "raw_scale": jax.tree.map(
+            lambda x: jnp.full_like(x, mean_field_vi.inverse_softplus(precision**-0.5)), q["mean"]
+        ),
+        "factor": jax.tree.map(lambda x: jnp.zeros((1, *x.shape)), q["mean"]),
+    }
+    np.testing.assert_allclose(
+        low_rank_vi.kl_divergence_between(q, isotropic),
+        low_rank_vi.kl_divergence(q, precision),
+        rtol=1e-5,
+    )
+
+
+def test_low_rank_vi_with_gaussian_prior_and_zero_temperature():
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+    y = x @ jnp.array([1.0, -1.0, 0.5])
+    apply = lambda p, s, inputs, *, train, key: (inputs @ p["w"], s)  # noqa: E731
+    loss_fn = objectives.regression_loss(apply, num_data=16)
+    batch = {"inputs": x, "labels": y}
+    prior = {
+        "mean": {"w": jnp.array([0.5, 0.0, 0.0])},
+        "raw_scale": {"w": jnp.zeros(3)},
+        "factor": {"w": 0.2 * jnp.ones((2, 3))},
+    }
+    family = low_rank_vi.build(loss_fn, optax.sgd(1e-2), num_data=16, rank=2, prior=prior)
+    state = family.init({"w": jnp.zeros(3)})
+    _, info = jax.jit(family.update)(jax.random.key(0), state, batch)
+    expected_kl = low_rank_vi.kl_divergence_between(
+        low_rank_vi.variational_parameters(state), prior
+    )
+    np.testing.assert_allclose(info.metrics["kl"], expected_kl, rtol=1e-5)
+    np.testing.assert_allclose(info.loss, info.metrics["nll"] + expected_kl / 16, rtol=1e-5)
+
+    cold = low_rank_vi.build(
+        loss_fn, optax.sgd(1e-2), num_data=16, rank=2, prior=prior, temperature=0.0
+    )
+    _, info = jax.jit(cold.update)(jax.random.key(0), state, batch)
+    np.testing.assert_allclose(info.loss, info.metrics["nll"], rtol=1e-6)
+
+    with pytest.raises(ValueError, match="exactly one"):
+        low_rank_vi.build(loss_fn, optax.sgd(1e-2), num_data=16, rank=2)
+    with pytest.raises(ValueError, match="exactly one"):
+        low_rank_vi.build(
+            loss_fn, optax.sgd(1e-2), num_data=16, rank=2, prior=prior, prior_precision=1.0
+        )
+    with pytest.raises(ValueError, match="prior must be a dict"):
+        low_rank_vi.build(loss_fn, optax.sgd(1e-2), num_data=16, rank=2, prior={"mean": 1})
+    with pytest.raises(ValueError, match="temperature"):
+        low_rank_vi.build(
+            loss_fn, optax.sgd(1e-2), num_data=16, rank=2, prior=prior, temperature=-1.0
+        )

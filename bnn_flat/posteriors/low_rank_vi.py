@@ -94,6 +94,7 @@ __all__ = [
     "log_density",
     "entropy",
     "kl_divergence",
+    "kl_divergence_between",
     "covariance_vector_product",
     "fisher_inverse_vector_product",
     "covariance_matrix",
@@ -127,8 +128,9 @@ def build(
     optimizer: optax.GradientTransformation,
     *,
     num_data: int,
-    prior_precision: float,
+    prior_precision: float | None = None,
     rank: int,
+    prior: dict[str, Params] | None = None,
     temperature: float = 1.0,
     init_std: float = 1e-3,
     init_factor_std: float | None = None,
@@ -144,7 +146,13 @@ def build(
       num_data: training-set size :math:`N`.
       prior_precision: precision :math:`\lambda > 0` of the prior :math:`N(0, \lambda^{-1} I)`.
       rank: :math:`K`, the number of rows of the factor :math:`W`.
-      temperature: :math:`T > 0`; the KL weight is :math:`T/N`.
+      prior: instead of ``prior_precision``, a diagonal-plus-low-rank Gaussian prior given
+        by its variational parameters ``{"mean", "raw_scale", "factor"}`` (any rank; e.g.
+        the SWAG fit of a pretrained network, :func:`bnn_flat.transfer.prior_from_swag`);
+        the KL term is then :func:`kl_divergence_between` ``(q, prior)``. Exactly one of
+        ``prior_precision`` and ``prior`` must be given.
+      temperature: :math:`T \ge 0`; the KL weight is :math:`T/N` (``0`` drops the KL term:
+        the expected-loss objective of SA-BMA's released code, whose ``kl_eta`` is 0).
       init_std: initial diagonal standard deviation :math:`\sigma` (> 0).
       init_factor_std: standard deviation of the initial factor entries, drawn from
         ``jax.random.key(0)`` (so ``init`` stays deterministic); ``None`` means
@@ -176,9 +184,17 @@ def build(
       (5, 3, 2)
     """
     _check_positive_int("num_data", num_data)
-    _check_positive_number("prior_precision", prior_precision)
+    if (prior_precision is None) == (prior is None):
+        raise ValueError("give exactly one of prior_precision (isotropic prior) and prior.")
+    if prior is None:
+        _check_positive_number("prior_precision", prior_precision)
+    else:
+        _check_prior(prior)
     _check_positive_int("rank", rank)
-    _check_positive_number("temperature", temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}.")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
     _check_positive_number("init_std", init_std)
     init_factor_std = _resolve_init_factor_std(init_factor_std, init_std, rank)
     _check_positive_int("num_mc_samples", num_mc_samples)
@@ -203,7 +219,7 @@ def build(
             batch,
             loss_fn,
             optimizer,
-            prior_precision=prior_precision,
+            prior_precision=prior_precision if prior is None else prior,
             kl_weight=kl_weight,
             num_mc_samples=num_mc_samples,
             perturbed_dropout=perturbed_dropout,
@@ -266,7 +282,7 @@ def update(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
-    prior_precision: float,
+    prior_precision: float | dict[str, Params],
     kl_weight: float,
     num_mc_samples: int = 1,
     perturbed_dropout: str = "fresh",
@@ -283,7 +299,8 @@ def update(
       batch: mini-batch.
       loss_fn: likelihood-only per-datum objective.
       optimizer: optimizer over ``{"mean", "raw_scale", "factor"}``.
-      prior_precision: prior precision :math:`\lambda`.
+      prior_precision: prior precision :math:`\lambda`, or a Gaussian prior in variational
+        form (see :func:`build`).
       kl_weight: :math:`T/N`.
       num_mc_samples: reparameterised draws.
       perturbed_dropout: ``"fresh"`` or ``"same"``.
@@ -319,7 +336,11 @@ def update(
         optimizer,
         draw_noise=draw_noise,
         reparameterise=_reparameterise,
-        kl_fn=lambda phi: kl_divergence(phi, prior_precision),
+        kl_fn=(
+            (lambda phi: kl_divergence_between(phi, prior_precision))
+            if isinstance(prior_precision, dict)
+            else (lambda phi: kl_divergence(phi, prior_precision))
+        ),
         kl_weight=kl_weight,
         num_mc_samples=num_mc_samples,
         perturbed_dropout=perturbed_dropout,
@@ -502,6 +523,66 @@ def kl_divergence(
     )
 
 
+def kl_divergence_between(
+    variational_params: dict[str, Params], prior: dict[str, Params]
+) -> jax.Array:
+    r"""Closed-form :math:`\mathrm{KL}(q \Vert p)` between two diagonal-plus-low-rank Gaussians.
+
+    .. math:: \tfrac12\big(\operatorname{tr}(\Sigma_p^{-1}\Sigma_q) + (\mu_p - \mu_q)^\top
+              \Sigma_p^{-1}(\mu_p - \mu_q) - d + \log\det\Sigma_p - \log\det\Sigma_q\big),
+
+    with :math:`\Sigma_p^{-1} = D_p^{-1} - U U^\top` (Woodbury) so every term costs
+    :math:`O(d (K_p + K_q)^2)`; the two ranks may differ.
+
+    Args:
+      variational_params: :math:`q`'s ``{"mean", "raw_scale", "factor"}``.
+      prior: :math:`p`'s ``{"mean", "raw_scale", "factor"}`` with the same mean structure.
+
+    Returns:
+      Scalar KL divergence.
+
+    Raises:
+      ValueError: if the means are structured differently.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = {"mean": jnp.zeros(1), "raw_scale": jnp.array([inverse_softplus(1.0)]),
+      ...      "factor": jnp.zeros((1, 1))}
+      >>> p = {"mean": jnp.ones(1), "raw_scale": jnp.array([inverse_softplus(1.0)]),
+      ...      "factor": jnp.ones((2, 1))}  # N(1, 3)
+      >>> round(float(kl_divergence_between(q, p)), 5)  # (1/3 + 1/3 - 1 + log 3) / 2
+      0.38264
+    """
+    _check_same_structure(prior["mean"], variational_params["mean"])
+    q_std, _ = ravel_pytree(jax.tree.map(_float, standard_deviation(variational_params)))
+    p_std, _ = ravel_pytree(jax.tree.map(_float, standard_deviation(prior)))
+    q_factor = _factor_rows(variational_params["factor"])
+    p_factor = _factor_rows(prior["factor"])
+    p_inverse_variance = 1.0 / (p_std * p_std)
+    _, p_cholesky, p_log_det = _capacitance(prior)
+    _, _, q_log_det = _capacitance(variational_params)
+    # Sigma_p^-1 = D^-1 - U U^T with U = D^-1 W^T L^-T
+    u = jax.scipy.linalg.solve_triangular(
+        p_cholesky, p_factor * p_inverse_variance[None, :], lower=True
+    ).T
+    q_variance = q_std * q_std
+    trace = (
+        jnp.sum(q_variance * p_inverse_variance)
+        + jnp.sum(q_factor * q_factor * p_inverse_variance[None, :])
+        - jnp.sum(q_variance[:, None] * u * u)
+        - jnp.sum((q_factor @ u) ** 2)
+    )
+    difference = (
+        ravel_pytree(jax.tree.map(_float, prior["mean"]))[0]
+        - ravel_pytree(jax.tree.map(_float, variational_params["mean"]))[0]
+    )
+    quadratic = jnp.sum(difference * difference * p_inverse_variance) - jnp.sum(
+        (u.T @ difference) ** 2
+    )
+    dim = difference.shape[0]
+    return 0.5 * (trace + quadratic - dim + p_log_det - q_log_det)
+
+
 def covariance_vector_product(variational_params: dict[str, Params], vector: Params) -> Params:
     r""":math:`\Sigma v = \sigma^2 \odot v + W^\top (W v)` in :math:`O(dK)`.
 
@@ -625,6 +706,22 @@ def _resolve_init_factor_std(init_factor_std: float | None, init_std: float, ran
     if not init_factor_std >= 0 or not math.isfinite(init_factor_std):
         raise ValueError(f"init_factor_std must be a finite number >= 0, got {init_factor_std}.")
     return float(init_factor_std)
+
+
+def _factor_rows(factor: Params) -> jax.Array:
+    """The factor as a ``(K, d)`` matrix in :func:`ravel_pytree` order of the mean."""
+    return jax.vmap(lambda row: ravel_pytree(jax.tree.map(_float, row))[0])(factor)
+
+
+def _check_prior(prior: object) -> None:
+    if not isinstance(prior, dict) or set(prior) != {"mean", "raw_scale", "factor"}:
+        got = sorted(prior) if isinstance(prior, dict) else type(prior).__name__
+        raise ValueError(
+            'prior must be a dict {"mean", "raw_scale", "factor"} (variational form of a '
+            f"diagonal-plus-low-rank Gaussian), got {got}."
+        )
+    _check_same_structure(prior["mean"], prior["raw_scale"])
+    _rank(prior["factor"])
 
 
 def _rank(factor: Params) -> int:
