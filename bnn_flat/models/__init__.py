@@ -2,7 +2,10 @@
 
 Models (Flax Linen modules, ``__call__(inputs, *, train)``): :class:`MLP`, :class:`LeNet`,
 :class:`ResNet`, :class:`ResNet20` and the factories :func:`mlp`, :func:`lenet`,
-:func:`resnet20`. Bridge: :func:`init`, :func:`make_apply`, :func:`init_ensemble`,
+:func:`resnet20`; ImageNet backbones in torchvision/timm layouts, :class:`ImageNetResNet`
+(:func:`resnet18`, :func:`resnet34`, :func:`resnet50`) and :class:`VisionTransformer`
+(:func:`vit_b16`), with weight import in :mod:`bnn_flat.models.pretrained`
+(docs/pretrained.md). Bridge: :func:`init`, :func:`make_apply`, :func:`init_ensemble`,
 :func:`num_params`, :func:`has_conv`.
 
 Example:
@@ -16,10 +19,13 @@ Example:
   (4, 10)
 """
 
+from bnn_flat.models import pretrained
 from bnn_flat.models.bridge import has_conv, init, init_ensemble, make_apply, num_params
 from bnn_flat.models.lenet import LeNet, lenet
 from bnn_flat.models.mlp import MLP, mlp
 from bnn_flat.models.resnet import ResNet, ResNet20, resnet20
+from bnn_flat.models.resnet_imagenet import ImageNetResNet, resnet18, resnet34, resnet50
+from bnn_flat.models.vit import VisionTransformer, vit_b16
 
 __all__ = [
     "MLP",
@@ -29,6 +35,13 @@ __all__ = [
     "mlp",
     "lenet",
     "resnet20",
+    "ImageNetResNet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "VisionTransformer",
+    "vit_b16",
+    "pretrained",
     "init",
     "make_apply",
     "init_ensemble",
