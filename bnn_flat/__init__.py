@@ -9,14 +9,17 @@ the conventions around them.
 
 from bnn_flat import (
     bma,
+    calibration,
     data,
     metrics,
     models,
     objectives,
     posteriors,
+    sharding,
     sharpness,
     symmetry,
     training,
+    transfer,
     transforms,
     types,
 )
@@ -26,14 +29,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "bma",
+    "calibration",
     "data",
     "metrics",
     "models",
     "objectives",
     "posteriors",
+    "sharding",
     "sharpness",
     "symmetry",
     "training",
+    "transfer",
     "transforms",
     "types",
     "Info",

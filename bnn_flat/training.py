@@ -9,6 +9,10 @@ Determinism: epoch ``e`` uses ``jax.random.fold_in(key, e)``, so a run resumed f
 checkpoint written after epoch ``e`` continues with exactly the keys of an uninterrupted
 run and ends in bit-identical parameters.
 
+Several devices: ``fit(..., mesh=bnn_flat.sharding.make_mesh())`` splits every global
+batch over the mesh's ``"data"`` axis and keeps the state replicated (or an ensemble's
+members split over ``"members"``); see :mod:`bnn_flat.sharding` and ``docs/multidevice.md``.
+
 Example:
   >>> import jax, jax.numpy as jnp, optax
   >>> from bnn_flat import objectives
@@ -37,7 +41,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from bnn_flat import sharding
 from bnn_flat.data.batching import epoch_batches
 from bnn_flat.types import Posterior, PRNGKey
 
@@ -69,7 +75,12 @@ class FitResult(NamedTuple):
 
 
 def make_epoch_fn(
-    posterior: Posterior, batch_size: int, member_batches: int | None = None
+    posterior: Posterior,
+    batch_size: int,
+    member_batches: int | None = None,
+    *,
+    mesh: Mesh | None = None,
+    state_sharding: Any = None,
 ) -> Callable:
     """A jitted ``epoch(state, key, inputs, labels) -> (state, metrics)``.
 
@@ -78,20 +89,57 @@ def make_epoch_fn(
     batches, and returns the mean of the per-step loss and metrics. The state argument is
     donated.
 
+    With ``mesh``, the epoch runs data-parallel: every step's batch is split over the
+    ``"data"`` mesh axis (and, with ``member_batches``, its member axis over ``"members"``),
+    the state keeps ``state_sharding`` on input and output (so repeated calls never
+    recompile), and the metrics are replicated. The loss is still the mean over the global
+    batch, so sharpness-aware transforms perturb once per global batch. ``inputs`` and
+    ``labels`` may be replicated or sharded over ``"data"`` (see :mod:`bnn_flat.sharding`).
+
     Args:
       posterior: the family to train.
-      batch_size: examples per step.
+      batch_size: examples per step (the global batch, over all devices).
       member_batches: if given, shuffle independently for this many ensemble members and
         give every batch leaf a leading member axis (for
         ``ensemble.build(..., independent_batches=True)``).
+      mesh: optional device mesh (:func:`bnn_flat.sharding.make_mesh`).
+      state_sharding: shardings of the state (a pytree or prefix of
+        :class:`~jax.sharding.NamedSharding`, e.g. from
+        :func:`bnn_flat.sharding.state_sharding`); replicated when ``None``. Only used with
+        ``mesh``.
 
     Returns:
       The jitted epoch function.
+
+    Raises:
+      ValueError: if ``batch_size < 1`` or, with ``mesh``, ``batch_size`` is not divisible
+        by the ``"data"`` axis size or ``member_batches`` by the ``"members"`` axis size.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batches_sharding = None
+    jit_options: dict[str, Any] = {}
+    if mesh is not None:
+        sharding.check_batch_size(batch_size, mesh)
+        members = sharding.axis_size(mesh, sharding.MEMBER_AXIS)
+        if member_batches is not None and member_batches % members:
+            raise ValueError(
+                f"member_batches {member_batches} is not divisible by the "
+                f"'{sharding.MEMBER_AXIS}' mesh axis of size {members}."
+            )
+        batches_sharding = NamedSharding(
+            mesh,
+            sharding.batch_spec(mesh, member_axis=member_batches is not None, stacked=True),
+        )
+        replicated = sharding.replicated(mesh)
+        if state_sharding is None:
+            state_sharding = replicated
+        jit_options = {
+            "in_shardings": (state_sharding, replicated, None, None),
+            "out_shardings": (state_sharding, replicated),
+        }
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(jax.jit, donate_argnums=(0,), **jit_options)
     def epoch(state, key, inputs, labels):
         shuffle_key, step_key = jax.random.split(key)
         if member_batches is None:
@@ -100,6 +148,8 @@ def make_epoch_fn(
             member_keys = jax.random.split(shuffle_key, member_batches)
             batches = jax.vmap(lambda k: epoch_batches(k, inputs, labels, batch_size))(member_keys)
             batches = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batches)
+        if batches_sharding is not None:
+            batches = jax.lax.with_sharding_constraint(batches, batches_sharding)
         num_batches = batches["labels"].shape[0]
         keys = jax.random.split(step_key, num_batches)
 
@@ -198,6 +248,8 @@ def fit(
     description: str = "train",
     stop_after: int | None = None,
     member_batches: int | None = None,
+    mesh: Mesh | None = None,
+    shard_dataset: bool = False,
 ) -> FitResult:
     """Trains a family for ``num_epochs`` epochs, resuming from ``checkpoint_dir`` if present.
 
@@ -218,6 +270,17 @@ def fit(
       stop_after: stop (as if killed) after this epoch; for crash/resume tests.
       member_batches: number of ensemble members that each get their own data order (see
         :func:`make_epoch_fn`); ``None`` shares batches.
+      mesh: optional device mesh (:func:`bnn_flat.sharding.make_mesh`) for data-parallel
+        training: every step's global batch of ``batch_size`` examples is split over the
+        ``"data"`` axis, the state is placed with :func:`bnn_flat.sharding.state_sharding`
+        (replicated, or an ensemble's members split over ``"members"``) and keeps that
+        placement. The loss, and hence every sharpness-aware perturbation, is over the
+        global batch, as on one device. The returned state stays on the mesh.
+      shard_dataset: with ``mesh``, keep one slice of the training set per ``"data"``
+        device instead of a full copy on every device (saves memory; the shuffle then
+        gathers across devices). Arrays that already live on ``mesh`` (e.g. from
+        :func:`bnn_flat.sharding.global_batch_from_local` on several hosts) are used as
+        they are.
 
     Returns:
       A :class:`FitResult`.
@@ -225,11 +288,17 @@ def fit(
     Raises:
       NonFiniteLossError: when an epoch's mean loss is not finite. The checkpoint of the
         last good epoch (if any) is kept, and the message names it.
+      ValueError: for bad data or, with ``mesh``, a ``batch_size`` not divisible by the
+        ``"data"`` axis size (or a member count not divisible by the ``"members"`` size).
     """
     if num_epochs < 0:
         raise ValueError(f"num_epochs must be >= 0, got {num_epochs}.")
     inputs, labels = (jnp.asarray(a) for a in data)
     _check_data(inputs, labels, batch_size)
+    if mesh is not None:
+        sharding.check_batch_size(batch_size, mesh)
+        sharding.state_sharding(state, mesh)  # validates the member count before any work
+        inputs, labels = (_place_dataset(a, mesh, shard_dataset) for a in (inputs, labels))
 
     checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     history: list[dict[str, float]] = []
@@ -237,9 +306,15 @@ def fit(
     if checkpointer is not None and checkpointer.latest_epoch() is not None:
         state, history, start = checkpointer.restore(state)
 
+    state_sharding = None
+    if mesh is not None:
+        state_sharding = sharding.state_sharding(state, mesh)
+        state = jax.device_put(state, state_sharding)
     # The epoch function donates its state; copy once so the caller's arrays stay valid.
     state = jax.tree.map(jnp.copy, state)
-    epoch_fn = make_epoch_fn(posterior, batch_size, member_batches)
+    epoch_fn = make_epoch_fn(
+        posterior, batch_size, member_batches, mesh=mesh, state_sharding=state_sharding
+    )
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -282,6 +357,22 @@ def fit(
         if checkpointer is not None:
             checkpointer.close()
     return FitResult(state=state, history=history, resumed_from=start)
+
+
+def _place_dataset(array: jax.Array, mesh: Mesh, shard: bool) -> jax.Array:
+    """The training set on ``mesh``: replicated, or split over ``"data"`` when ``shard``."""
+    if isinstance(array.sharding, NamedSharding) and array.sharding.mesh == mesh:
+        return array
+    if not shard:
+        return sharding.replicate(array, mesh)
+    size = sharding.axis_size(mesh, sharding.DATA_AXIS)
+    if array.shape[0] % size:
+        raise ValueError(
+            f"shard_dataset needs the number of training examples ({array.shape[0]}) to be "
+            f"divisible by the '{sharding.DATA_AXIS}' mesh axis of size {size}; drop a few "
+            "examples or use shard_dataset=False."
+        )
+    return sharding.shard_batch(array, mesh)
 
 
 def data_to_device(data: Any) -> Any:
