@@ -1,0 +1,128 @@
+"""Step time of SA-BMA against a plain SGD step of the same model and batch.
+
+For each model, one jitted ``lax.scan`` over ``--steps`` training steps on a fixed batch is
+timed (medians of ``--repeats`` warm runs, compile time separately) for:
+
+* ``sgd``: the point family with ``optax.sgd`` (one gradient evaluation);
+* ``sam``: the point family with ``transforms.sam`` (two gradient evaluations);
+* ``low_rank_vi``: the diagonal-plus-low-rank VI family (rank ``--rank``) with plain SGD
+  (one reparameterised draw and one gradient evaluation);
+* ``sabma``: the same family with ``transforms.sabma`` (paper form, diagonal covariance
+  Fisher); ``sabma_exact``: with the conjugate-gradient covariance Fisher (10 iterations);
+  ``sabma_released``: the released per-block score form.
+
+Every SA-BMA step evaluates two gradients plus the sampling and the Fisher algebra
+(:math:`O(dK^2)`), so the target is at most 2.2x the SGD step.
+
+Run:
+  python -m experiments.bench_sabma --json=runs/bench_sabma.json
+  python -m experiments.bench_sabma --models=mlp,lenet,resnet20 --rank=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import optax
+
+from bnn_flat import models, objectives, transforms
+from bnn_flat.posteriors import low_rank_vi, point
+
+_MODELS = {
+    "mlp": (lambda: models.mlp([256, 256], num_outputs=10), (28, 28, 1), 128),
+    "lenet": (lambda: models.lenet(num_classes=10), (28, 28, 1), 128),
+    "resnet20": (lambda: models.resnet20(num_classes=10, norm="group"), (32, 32, 3), 64),
+}
+_LEARNING_RATE = 0.05
+
+
+def _median_seconds(fn, args, repeats: int) -> tuple[float, float]:
+    begin = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_seconds = time.perf_counter() - begin
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times), compile_seconds
+
+
+def bench_model(name: str, steps: int, repeats: int, rank: int) -> dict[str, float]:
+    """Per-step seconds and ratios to the SGD step for one model."""
+    make, shape, batch_size = _MODELS[name]
+    module = make()
+    apply_fn = models.make_apply(module)
+    inputs = jax.random.normal(jax.random.key(0), (batch_size, *shape))
+    labels = jax.random.randint(jax.random.key(1), (batch_size,), 0, 10)
+    batch = {"inputs": inputs, "labels": labels}
+    params, model_state = models.init(module, jax.random.key(2), inputs[:1])
+    num_data = 50_000
+    map_loss = objectives.classification_loss(apply_fn, num_data=num_data, prior_precision=25.0)
+    likelihood = objectives.classification_loss(apply_fn, num_data=num_data)
+    sgd = optax.sgd(_LEARNING_RATE, momentum=0.9)
+
+    def vi(optimizer):
+        return low_rank_vi.build(
+            likelihood, optimizer, num_data=num_data, prior_precision=25.0, rank=rank
+        )
+
+    families = {
+        "sgd": point.build(map_loss, sgd),
+        "sam": point.build(map_loss, optax.chain(transforms.sam(0.05), sgd)),
+        "low_rank_vi": vi(sgd),
+        "sabma": vi(optax.chain(transforms.sabma(0.5), sgd)),
+        "sabma_exact": vi(
+            optax.chain(transforms.sabma(0.5, covariance_fisher="exact", damping=1e-2), sgd)
+        ),
+        "sabma_released": vi(optax.chain(transforms.sabma_released(0.5), sgd)),
+    }
+    result = {}
+    for run_name, family in families.items():
+
+        def run(state, key, family=family):
+            def body(state, k):
+                return family.update(k, state, batch)[0], None
+
+            return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
+
+        state = family.init(params, model_state)
+        seconds, compile_seconds = _median_seconds(run, (state, jax.random.key(3)), repeats)
+        result[f"{name}.{run_name}.step_seconds"] = seconds / steps
+        result[f"{name}.{run_name}.compile_seconds"] = compile_seconds
+    base = result[f"{name}.sgd.step_seconds"]
+    for run_name in families:
+        result[f"{name}.{run_name}.over_sgd"] = result[f"{name}.{run_name}.step_seconds"] / base
+    return result
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description="SA-BMA step time / SGD step time.")
+    parser.add_argument("--models", default="mlp,lenet")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = {"device": jax.devices()[0].device_kind, "rank": args.rank}
+    for name in args.models.split(","):
+        if name not in _MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {sorted(_MODELS)}")
+        figures = bench_model(name, args.steps, args.repeats, args.rank)
+        result.update(figures)
+        for key, value in figures.items():
+            if key.endswith("over_sgd"):
+                print(f"{key:40s} {value:6.2f}x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
