@@ -603,7 +603,7 @@ def test_family_conformance(blobs, bn_families, family_name):
 # Gaussian (low-rank) priors for transfer learning ------------------------------------------
 
 
-def _random_low_rank(key, rank, shapes=((3,), (2, 2))):
+def _random_gaussian_params(key, rank, shapes=((3,), (2, 2))):
     keys = jax.random.split(key, 3)
     mean = {
         f"p{i}": jax.random.normal(jax.random.fold_in(keys[0], i), s) for i, s in enumerate(shapes)
@@ -622,8 +622,8 @@ def _random_low_rank(key, rank, shapes=((3,), (2, 2))):
 def test_kl_between_low_rank_gaussians_matches_dense_formula():
     from jax.flatten_util import ravel_pytree
 
-    q = _random_low_rank(jax.random.key(0), rank=2)
-    p = _random_low_rank(jax.random.key(1), rank=3)
+    q = _random_gaussian_params(jax.random.key(0), rank=2)
+    p = _random_gaussian_params(jax.random.key(1), rank=3)
     cov_q = low_rank_vi.covariance_matrix(q)
     cov_p = low_rank_vi.covariance_matrix(p)
     diff = ravel_pytree(p["mean"])[0] - ravel_pytree(q["mean"])[0]
@@ -640,7 +640,7 @@ def test_kl_between_low_rank_gaussians_matches_dense_formula():
 
 
 def test_kl_between_reduces_to_isotropic_prior():
-    q = _random_low_rank(jax.random.key(2), rank=2)
+    q = _random_gaussian_params(jax.random.key(2), rank=2)
     precision = 4.0
     isotropic = {
         "mean": jax.tree.map(jnp.zeros_like, q["mean"]),
