@@ -48,10 +48,16 @@ two split gradients (at :math:`\theta` and at the perturbed points), so it costs
 gradient evaluation than plain SAM when used inside a family that already computed the
 whole-batch gradient.
 
-**Multiple devices.** Under ``jax.jit`` with sharded batches nothing is needed. Inside
-an explicit ``shard_map`` pass ``axis_name``: the perturbed gradient is then averaged over
-that axis. Whether the incoming gradient was averaged before ``update`` decides whether
-the perturbation is global or per device.
+**Multiple devices.** Under ``jax.jit`` with sharded batches nothing is needed (the loss
+is the global-batch mean, so the perturbation is one per global batch; see
+docs/multidevice.md). Inside an explicit ``shard_map`` pass ``axis_name``: the perturbed
+gradient is then averaged over that axis. Whether the incoming gradient was averaged
+before ``update`` decides whether the perturbation is global or per device. Use
+``shard_map(..., check_vma=False)`` there: with JAX's default ``check_vma=True`` the
+gradient of replicated parameters comes back already summed over the axis, so the
+``pmean`` is a no-op on a gradient ``D`` times too large. With ``axis_name`` and
+``num_sub_batches=m``, each device splits its *local* batch into ``m`` sub-batches
+(``m * D`` in total).
 
 References:
     Foret et al., Sharpness-Aware Minimization for Efficiently Improving
