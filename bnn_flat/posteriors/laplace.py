@@ -103,6 +103,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from bnn_flat._random import standard_normal
 from bnn_flat.types import ApplyFn, Batch, Info, ModelState, Params, Posterior, PRNGKey
 
 __all__ = [
@@ -1208,7 +1209,7 @@ def _monte_carlo_log_probs(
 ) -> jax.Array:
     values, vectors = jnp.linalg.eigh(covariances)
     roots = vectors * jnp.sqrt(jnp.maximum(values, 0.0))[..., None, :]
-    noise = jax.random.normal(key, (num_samples, *outputs.shape), outputs.dtype)
+    noise = standard_normal(key, (num_samples, *outputs.shape), outputs.dtype)
     logits = outputs + jnp.einsum("mcd,smd->smc", roots, noise)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     return jax.scipy.special.logsumexp(log_probs, axis=0) - math.log(num_samples)
@@ -1259,7 +1260,7 @@ def _normal_like(key: PRNGKey, tree: Any) -> Any:
     """Standard normals shaped like ``tree``, from one draw (one RNG kernel to compile)."""
     leaves, treedef = jax.tree.flatten(tree)
     dtype = jnp.result_type(*leaves)
-    flat = jax.random.normal(key, (sum(x.size for x in leaves),), dtype)
+    flat = standard_normal(key, (sum(x.size for x in leaves),), dtype)
     pieces, start = [], 0
     for x in leaves:
         pieces.append(flat[start : start + x.size].reshape(x.shape).astype(x.dtype))

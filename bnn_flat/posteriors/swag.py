@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bnn_flat._random import standard_normal
 from bnn_flat.posteriors import point
 from bnn_flat.posteriors._common import check_perturbed_dropout
 from bnn_flat.types import Batch, Info, LossFn, ModelState, Params, Posterior, PRNGKey
@@ -398,11 +399,11 @@ def sample(
     diagonal_key, low_rank_key = jax.random.split(key)
     # One draw for all leaves (a draw per leaf would compile one generator per leaf).
     sizes = [mean.size for mean in means]
-    z1 = jax.random.normal(diagonal_key, (num_samples, sum(sizes)))
+    z1 = standard_normal(diagonal_key, (num_samples, sum(sizes)))
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     if low_rank:
         row_mask, denominator = _filled_rows(state)
-        z2 = jax.random.normal(low_rank_key, (num_samples, buffer_rank)) * row_mask
+        z2 = standard_normal(low_rank_key, (num_samples, buffer_rank)) * row_mask
     root_scale = math.sqrt(scale)
     samples = []
     for offset, mean, sq_mean, deviation in zip(offsets, means, sq_means, deviations, strict=True):

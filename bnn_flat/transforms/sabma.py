@@ -82,6 +82,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from bnn_flat._random import standard_normal
 from bnn_flat.transforms.sam import (
     Direction,
     SharpnessAwareState,
@@ -557,7 +558,7 @@ class _Geometry:
     def draw(self, key: PRNGKey) -> Params:
         diagonal_key, factor_key = jax.random.split(key)
         mean, _ = ravel_pytree(self.params["mean"])
-        draw = mean.astype(self.std.dtype) + self.std * jax.random.normal(
+        draw = mean.astype(self.std.dtype) + self.std * standard_normal(
             diagonal_key, self.std.shape, self.std.dtype
         )
         if self.factor is not None:

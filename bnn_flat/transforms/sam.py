@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bnn_flat._random import standard_normal
 from bnn_flat.types import Batch, Params, PRNGKey
 
 __all__ = [
@@ -555,7 +556,7 @@ def normal_like(key: PRNGKey, tree: Params) -> Params:
         return tree
     dtype = functools.reduce(jnp.promote_types, [jnp.float32, *(x.dtype for x in leaves)])
     sizes = [math.prod(jnp.shape(x)) for x in leaves]
-    flat = jax.random.normal(key, (sum(sizes),), dtype)
+    flat = standard_normal(key, (sum(sizes),), dtype)
     offsets = itertools.accumulate(sizes, initial=0)
     noise = [
         flat[start : start + size].reshape(jnp.shape(x)).astype(x.dtype)
