@@ -14,6 +14,10 @@ timed (medians of ``--repeats`` warm runs, compile time separately) for:
 Every SA-BMA step evaluates two gradients plus the sampling and the Fisher algebra
 (:math:`O(dK^2)`), so the target is at most 2.2x the SGD step.
 
+``--trainable=norm_and_head`` measures SA-BMA's transfer setting: only the normalisation
+layers and the head are trained (the rest frozen at the prior mean through
+:func:`bnn_flat.transfer.with_frozen`), against SGD fine-tuning of the same subset.
+
 Run:
   python -m experiments.bench_sabma --json=runs/bench_sabma.json
   python -m experiments.bench_sabma --models=mlp,lenet,resnet20 --rank=5
@@ -29,7 +33,7 @@ import time
 import jax
 import optax
 
-from bnn_flat import models, objectives, transforms
+from bnn_flat import models, objectives, transfer, transforms
 from bnn_flat.posteriors import low_rank_vi, point
 
 _MODELS = {
@@ -53,7 +57,9 @@ def _median_seconds(fn, args, repeats: int) -> tuple[float, float]:
     return statistics.median(times), compile_seconds
 
 
-def bench_model(name: str, steps: int, repeats: int, rank: int) -> dict[str, float]:
+def bench_model(
+    name: str, steps: int, repeats: int, rank: int, trainable: str = "all"
+) -> dict[str, float]:
     """Per-step seconds and ratios to the SGD step for one model."""
     make, shape, batch_size = _MODELS[name]
     module = make()
@@ -65,6 +71,11 @@ def bench_model(name: str, steps: int, repeats: int, rank: int) -> dict[str, flo
     num_data = 50_000
     map_loss = objectives.classification_loss(apply_fn, num_data=num_data, prior_precision=25.0)
     likelihood = objectives.classification_loss(apply_fn, num_data=num_data)
+    if trainable != "all":
+        mask = transfer.select(params, transfer.norm_and_head(head="head|fc|output"))
+        params, frozen = transfer.partition(params, mask)
+        map_loss = transfer.with_frozen(map_loss, frozen)
+        likelihood = transfer.with_frozen(likelihood, frozen)
     sgd = optax.sgd(_LEARNING_RATE, momentum=0.9)
 
     def vi(optimizer):
@@ -82,7 +93,8 @@ def bench_model(name: str, steps: int, repeats: int, rank: int) -> dict[str, flo
         ),
         "sabma_released": vi(optax.chain(transforms.sabma_released(0.5), sgd)),
     }
-    result = {}
+    tag = name if trainable == "all" else f"{name}_{trainable}"
+    result = {f"{tag}.trainable_parameters": float(models.num_params(params))}
     for run_name, family in families.items():
 
         def run(state, key, family=family):
@@ -93,11 +105,11 @@ def bench_model(name: str, steps: int, repeats: int, rank: int) -> dict[str, flo
 
         state = family.init(params, model_state)
         seconds, compile_seconds = _median_seconds(run, (state, jax.random.key(3)), repeats)
-        result[f"{name}.{run_name}.step_seconds"] = seconds / steps
-        result[f"{name}.{run_name}.compile_seconds"] = compile_seconds
-    base = result[f"{name}.sgd.step_seconds"]
+        result[f"{tag}.{run_name}.step_seconds"] = seconds / steps
+        result[f"{tag}.{run_name}.compile_seconds"] = compile_seconds
+    base = result[f"{tag}.sgd.step_seconds"]
     for run_name in families:
-        result[f"{name}.{run_name}.over_sgd"] = result[f"{name}.{run_name}.step_seconds"] / base
+        result[f"{tag}.{run_name}.over_sgd"] = result[f"{tag}.{run_name}.step_seconds"] / base
     return result
 
 
@@ -107,13 +119,14 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=5)
+    parser.add_argument("--trainable", choices=("all", "norm_and_head"), default="all")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result = {"device": jax.devices()[0].device_kind, "rank": args.rank}
     for name in args.models.split(","):
         if name not in _MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {sorted(_MODELS)}")
-        figures = bench_model(name, args.steps, args.repeats, args.rank)
+        figures = bench_model(name, args.steps, args.repeats, args.rank, args.trainable)
         result.update(figures)
         for key, value in figures.items():
             if key.endswith("over_sgd"):

@@ -619,10 +619,18 @@ def _variational_step(
     noise = draw_noise(noise_key)
 
     def objective(phi, sub_batch, sample_keys):
-        thetas = jax.vmap(reparameterise, in_axes=(None, 0))(phi, noise)
-        losses, aux = jax.vmap(loss_fn, in_axes=(0, None, None, 0))(
-            thetas, model_state, sub_batch, sample_keys
-        )
+        if num_mc_samples == 1:
+            # no vmap for one draw: a vmapped network is much slower on XLA:CPU (its
+            # convolutions and matmuls get a batch dimension), and the math is the same
+            theta = reparameterise(phi, jax.tree.map(lambda z: z[0], noise))
+            single_loss, single_aux = loss_fn(theta, model_state, sub_batch, sample_keys[0])
+            losses = single_loss[None]
+            aux = jax.tree.map(lambda x: jnp.asarray(x)[None], single_aux)
+        else:
+            thetas = jax.vmap(reparameterise, in_axes=(None, 0))(phi, noise)
+            losses, aux = jax.vmap(loss_fn, in_axes=(0, None, None, 0))(
+                thetas, model_state, sub_batch, sample_keys
+            )
         kl = kl_fn(phi)
         return jnp.mean(losses) + kl_weight * kl, (aux, kl)
 
