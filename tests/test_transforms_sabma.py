@@ -137,11 +137,16 @@ def test_fisher_diagonal_matches_dense_fisher_and_is_the_default_preconditioner(
     solved = transforms.posterior_fisher_inverse_product(phi, g, damping=damping)
     np.testing.assert_allclose(
         _flat(solved["raw_scale"]),
-        _flat(g["raw_scale"]) / (diagonal["raw_scale"] + damping),
+        _flat(g["raw_scale"]) / (diagonal["raw_scale"] + damping * _mean_diagonal(diagonal)),
         rtol=1e-5,
     )
     cov = low_rank_vi.covariance_matrix(phi)
     np.testing.assert_allclose(_flat(solved["mean"]), cov @ _flat(g["mean"]), rtol=1e-5)
+
+
+def _mean_diagonal(diagonal):
+    values = jnp.concatenate([v.reshape(-1) for v in diagonal.values()])
+    return jnp.mean(values)
 
 
 def sabma_geometry(phi):
@@ -166,7 +171,8 @@ def test_exact_solve_equals_dense_solve_and_fisher_norm_is_rho():
             "factor": jax.tree.map(jnp.ones_like, phi["factor"]),
         }
     )
-    damped = fisher + damping * jnp.diag(mask)
+    absolute = damping * _mean_diagonal(sabma_geometry(phi).covariance_fisher_diagonal())
+    damped = fisher + absolute * jnp.diag(mask)
     expected = jnp.linalg.solve(damped, _flat(g))
     np.testing.assert_allclose(
         _flat(solved), expected, rtol=1e-2, atol=1e-2 * jnp.abs(expected).max()
@@ -385,6 +391,19 @@ def test_sabma_trains_mean_field_vi_and_rho_zero_equals_base():
         progress=False,
     )
     np.testing.assert_allclose(result.state.params["w"], [1.0, -2.0, 0.5], atol=0.1)
+
+
+def test_zero_factor_rows_are_not_perturbed():
+    phi = _low_rank_phi(jax.random.key(9))
+    phi["factor"] = jax.tree.map(lambda w: w.at[1].set(0.0), phi["factor"])
+    g = jax.tree.map(lambda x: jnp.cos(2.0 * x + 0.5), phi)
+    direction = transforms.sabma_direction()(g, phi, None)
+    for leaf in jax.tree.leaves(direction["factor"]):
+        np.testing.assert_array_equal(leaf[1], 0.0)
+        assert np.abs(leaf[0]).max() > 0
+    # the perturbation still has unit Fisher norm over the perturbed entries
+    for leaf in jax.tree.leaves(direction):
+        assert np.all(np.isfinite(leaf))
 
 
 def test_sabma_bad_inputs():

@@ -38,10 +38,15 @@ block-diagonal between the mean and the covariance parameters:
   single-sample reparameterised gradients do have components along them. The default
   ``covariance_fisher="diagonal"`` therefore preconditions the covariance parameters by
   the exact *diagonal* of :math:`F_{\psi\psi}` (closed form, :math:`O(dK^2)`, positive
-  whenever a factor row is nonzero), plus the damping :math:`\lambda`; ``"exact"`` solves
+  whenever a factor row is nonzero), plus the damping; ``"exact"`` solves
   :math:`(F_{\psi\psi} + \lambda I)^{-1} g_\psi` with Jacobi-preconditioned conjugate
   gradients (``cg_iterations``), which amplifies the flat directions by up to
-  :math:`1/\lambda`: use it with a substantial damping.
+  :math:`1/\lambda`: use it with a substantial damping. The damping is *relative*:
+  :math:`\lambda = ` ``damping`` :math:`\times` the mean of
+  :math:`\operatorname{diag} F_{\psi\psi}`, so it does not depend on the scale of
+  :math:`\sigma`. Entries whose Fisher diagonal is exactly zero (an all-zero factor row,
+  e.g. an unfilled SWAG deviation) carry no information about :math:`q` and are not
+  perturbed (pseudo-inverse).
 
 Reductions (tested): with :math:`q = \mathcal{N}(\mu, \sigma^2 I)` and ``perturb="mean"``,
 :math:`\Delta_\mu = \rho\sigma\, g/\lVert g\rVert`, which is SAM with radius
@@ -112,7 +117,7 @@ def sabma(
     *,
     perturb: str = "all",
     covariance_fisher: str = "diagonal",
-    damping: float = 1e-4,
+    damping: float = 1e-3,
     cg_iterations: int = 10,
     eps: float = 1e-12,
     axis_name: str | None = None,
@@ -128,7 +133,8 @@ def sabma(
       covariance_fisher: ``"diagonal"`` (exact diagonal of the covariance-parameter
         Fisher) or ``"exact"`` (damped conjugate-gradient solve); the same for a
         mean-field :math:`q`, whose Fisher is diagonal.
-      damping: :math:`\lambda \ge 0` added to the covariance-parameter Fisher.
+      damping: relative damping of the covariance-parameter Fisher (times the mean of its
+        diagonal; see the module docstring).
       cg_iterations: conjugate-gradient iterations of the ``"exact"`` solve.
       eps: added to the normaliser :math:`\sqrt{g^\top F^{-1} g}`.
       axis_name: average the perturbed gradient over this axis (``shard_map`` code).
@@ -166,7 +172,7 @@ def sabma_direction(
     *,
     perturb: str = "all",
     covariance_fisher: str = "diagonal",
-    damping: float = 1e-4,
+    damping: float = 1e-3,
     cg_iterations: int = 10,
     eps: float = 1e-12,
 ) -> Direction:
@@ -175,7 +181,7 @@ def sabma_direction(
     Args:
       perturb: ``"all"`` or ``"mean"`` (see :func:`sabma`).
       covariance_fisher: ``"diagonal"`` or ``"exact"`` (see :func:`sabma`).
-      damping: Fisher damping of the covariance parameters.
+      damping: relative Fisher damping of the covariance parameters.
       cg_iterations: conjugate-gradient iterations of the ``"exact"`` solve.
       eps: added to the normaliser.
 
@@ -249,7 +255,7 @@ def posterior_fisher_inverse_product(
     *,
     perturb: str = "all",
     covariance_fisher: str = "diagonal",
-    damping: float = 1e-4,
+    damping: float = 1e-3,
     cg_iterations: int = 10,
 ) -> dict[str, Params]:
     r""":math:`F_\phi^{-1} v` (mean block exact; covariance block damped, see module doc).
@@ -260,7 +266,7 @@ def posterior_fisher_inverse_product(
       perturb: ``"all"``, or ``"mean"`` to return zeros for the covariance parameters.
       covariance_fisher: ``"diagonal"`` (:math:`(\operatorname{diag} F_{\psi\psi} +
         \lambda)^{-1}`) or ``"exact"`` (:math:`(F_{\psi\psi} + \lambda I)^{-1}` by CG).
-      damping: :math:`\lambda \ge 0`.
+      damping: relative damping (times the mean of :math:`\operatorname{diag}F_{\psi\psi}`).
       cg_iterations: conjugate-gradient iterations (``"exact"`` with a factor).
 
     Returns:
@@ -545,8 +551,14 @@ class _Geometry:
     ) -> dict[str, jax.Array]:
         right = {name: value for name, value in vector.items() if name != "mean"}
         diagonal = self.covariance_fisher_diagonal()
+        total = sum(jnp.sum(value) for value in diagonal.values())
+        count = sum(value.size for value in diagonal.values())
+        damping = damping * total / count
         if self.factor is None or not exact:
-            return {name: right[name] / (diagonal[name] + damping) for name in right}
+            return {
+                name: jnp.where(diagonal[name] > 0, right[name] / (diagonal[name] + damping), 0.0)
+                for name in right
+            }
         preconditioner = {name: 1.0 / (value + damping) for name, value in diagonal.items()}
 
         def matvec(x):
