@@ -37,8 +37,11 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, num_samples: int, batch_size: int, repeats: int) -> dict[str, float]:
-    make, shape = _MODELS[name]
+def bench_model(
+    name: str, num_samples: int, batch_size: int, repeats: int, spec=None
+) -> dict[str, float]:
+    """BMA timings of one model; ``spec=(make, shape)`` overrides ``_MODELS[name]``."""
+    make, shape = spec if spec is not None else _MODELS[name]
     module = make()
     inputs = jax.random.normal(jax.random.key(0), (batch_size, *shape))
     params, model_state = models.init_ensemble(module, jax.random.key(1), inputs[:1], num_samples)

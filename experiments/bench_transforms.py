@@ -69,8 +69,9 @@ def _timed(fn, args, repeats: int) -> tuple[float, float]:
     return statistics.median(times), compile_seconds
 
 
-def bench_model(name: str, steps: int, repeats: int, only=None) -> dict[str, float]:
-    make, shape, batch_size = _MODELS[name]
+def bench_model(name: str, steps: int, repeats: int, only=None, spec=None) -> dict[str, float]:
+    """Step times of one model; ``spec=(make, shape, batch_size)`` overrides ``_MODELS[name]``."""
+    make, shape, batch_size = spec if spec is not None else _MODELS[name]
     module = make()
     apply_fn = models.make_apply(module)
     key = jax.random.key(0)

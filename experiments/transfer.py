@@ -67,6 +67,7 @@ from bnn_flat import (
     transfer,
     transforms,
 )
+from bnn_flat.models import conv
 from bnn_flat.models.resnet_imagenet import ImageNetResNet
 from bnn_flat.posteriors import bsam as bsam_family
 from bnn_flat.posteriors import low_rank_vi, mean_field_vi, point, sgmcmc, swag
@@ -144,7 +145,7 @@ class TransferCNN(nn.Module):
         del train
         x = inputs
         for index, features in enumerate((self.width, 2 * self.width)):
-            x = nn.Conv(features, (3, 3), padding="SAME", name=f"conv_{index}")(x)
+            x = conv.Conv(features, (3, 3), padding="SAME", name=f"conv_{index}")(x)
             x = nn.GroupNorm(num_groups=min(4, features), name=f"norm_{index}")(x)
             x = nn.max_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)

@@ -19,6 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from bnn_flat.models.conv import Conv
+
 __all__ = ["LeNet", "lenet"]
 
 _POOLINGS = ("max", "average")
@@ -36,7 +38,9 @@ class LeNet(nn.Module):
       pooling: ``"max"`` or ``"average"`` 2x2 pooling with stride 2.
       activation: Element-wise nonlinearity.
       conv: Factory of convolution modules with the signature of :class:`flax.linen.Conv`;
-        swap it for a faster implementation without changing the parameter layout.
+        swap it for a faster implementation without changing the parameter layout. The
+        default, :class:`bnn_flat.models.conv.Conv`, keeps gradients fast inside compiled
+        loops on CPU and is plain ``lax`` convolution elsewhere.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -52,7 +56,7 @@ class LeNet(nn.Module):
     dropout_rate: float = 0.0
     pooling: str = "max"
     activation: Callable[[jax.Array], jax.Array] = nn.relu
-    conv: Callable[..., nn.Module] = nn.Conv
+    conv: Callable[..., nn.Module] = Conv
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_classes, numbers.Integral) or self.num_classes < 1:

@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnn_flat.models.conv import Conv
+
 __all__ = ["ResNet", "ResNet20", "resnet20"]
 
 _NORMS = ("batch", "group", "layer", "none")
@@ -62,7 +64,9 @@ class ResNet(nn.Module):
         before the classifier (inverted dropout).
       num_groups: Maximum number of GroupNorm groups (used when ``norm="group"``).
       conv: Factory of convolution modules with the signature of :class:`flax.linen.Conv`;
-        swap it for a faster implementation without changing the parameter layout.
+        swap it for a faster implementation without changing the parameter layout. The
+        default, :class:`bnn_flat.models.conv.Conv`, keeps gradients fast inside compiled
+        loops on CPU and is plain ``lax`` convolution elsewhere.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -79,7 +83,7 @@ class ResNet(nn.Module):
     width: int = 16
     dropout_rate: float = 0.0
     num_groups: int = 8
-    conv: Callable[..., nn.Module] = nn.Conv
+    conv: Callable[..., nn.Module] = Conv
 
     def __post_init__(self) -> None:
         if len(self.stage_sizes) == 0 or any(
@@ -134,7 +138,8 @@ class ResNet20(nn.Module):
       width: Channels of the first stage (16 in the paper); stages have 1x, 2x, 4x.
       dropout_rate: Dropout probability inside every block and before the classifier.
       num_groups: Maximum number of GroupNorm groups (used when ``norm="group"``).
-      conv: Factory of convolution modules with the signature of :class:`flax.linen.Conv`.
+      conv: Factory of convolution modules with the signature of :class:`flax.linen.Conv`
+        (default :class:`bnn_flat.models.conv.Conv`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -151,7 +156,7 @@ class ResNet20(nn.Module):
     width: int = 16
     dropout_rate: float = 0.0
     num_groups: int = 8
-    conv: Callable[..., nn.Module] = nn.Conv
+    conv: Callable[..., nn.Module] = Conv
 
     def __post_init__(self) -> None:
         _validate_options(self)
