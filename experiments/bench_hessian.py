@@ -21,8 +21,9 @@ Measured (2 CPU cores shared with other jobs; 1000 examples, full batch, 20 iter
 compile 35 s, 7.4 GB temporary memory. With ``--batch_sizes=100`` (a compiled loop over 10
 chunks, fast since :mod:`bnn_flat.models.conv`; load ~1): gradient 5.5 s, HVP 9.5 s, and
 10.1 s wall per HVP inside Lanczos (6 HVPs in 60.4 s, compile 8.9 s, 457 MB), so about
-200 s for the 20-HVP top-5 run: the 1-minute target is not met. At 64 examples and 6 iterations the unrolled run took
-2.8 s wall and the compiled loop (``--unroll=0``) 103 s.
+200 s for the 20-HVP top-5 run: the 1-minute target is not met. At 64 examples and 6
+iterations the unrolled run took 2.8 s wall and the compiled loop (``--unroll=0``) 103 s
+(before the convolution fix).
 
 Run:
   python -m experiments.bench_hessian --num_examples=1000 --batch_sizes=0
