@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import optax
 
 from bnn_flat import models, objectives, transfer, transforms
 from bnn_flat.posteriors import low_rank_vi, point
+from experiments.bench_transforms import _timed as _median_seconds
 
 _MODELS = {
     "mlp": (lambda: models.mlp([256, 256], num_outputs=10), (28, 28, 1), 128),
@@ -42,19 +41,6 @@ _MODELS = {
     "resnet20": (lambda: models.resnet20(num_classes=10, norm="group"), (32, 32, 3), 64),
 }
 _LEARNING_RATE = 0.05
-
-
-def _median_seconds(fn, args, repeats: int) -> tuple[float, float]:
-    begin = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_seconds = time.perf_counter() - begin
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), compile_seconds
 
 
 def bench_model(
