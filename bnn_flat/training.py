@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from bnn_flat import sharding
+from bnn_flat import backend, sharding
 from bnn_flat.data.batching import epoch_batches
 from bnn_flat.types import Posterior, PRNGKey
 
@@ -138,6 +138,12 @@ def make_epoch_fn(
             "in_shardings": (state_sharding, replicated, None, None),
             "out_shardings": (state_sharding, replicated),
         }
+
+    # Top-level program: it can carry the CPU compiler options itself when the process-wide
+    # XLA flags of bnn_flat.backend could not be set in time (empty otherwise).
+    options = backend.compiler_options()
+    if options:
+        jit_options["compiler_options"] = options
 
     @functools.partial(jax.jit, donate_argnums=(0,), **jit_options)
     def epoch(state, key, inputs, labels):
