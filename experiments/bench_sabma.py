@@ -44,7 +44,12 @@ _LEARNING_RATE = 0.05
 
 
 def bench_model(
-    name: str, steps: int, repeats: int, rank: int, trainable: str = "all"
+    name: str,
+    steps: int,
+    repeats: int,
+    rank: int,
+    trainable: str = "all",
+    runs: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """Per-step seconds and ratios to the SGD step for one model."""
     make, shape, batch_size = _MODELS[name]
@@ -79,6 +84,11 @@ def bench_model(
         ),
         "sabma_released": vi(optax.chain(transforms.sabma_released(0.5), sgd)),
     }
+    if runs is not None:
+        unknown = set(runs) - set(families)
+        if unknown or "sgd" not in runs:
+            raise ValueError(f"runs must include 'sgd' and name only {sorted(families)}: {runs}")
+        families = {run: family for run, family in families.items() if run in runs}
     tag = name if trainable == "all" else f"{name}_{trainable}"
     result = {f"{tag}.trainable_parameters": float(models.num_params(params))}
     for run_name, family in families.items():
@@ -106,13 +116,17 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=5)
     parser.add_argument("--trainable", choices=("all", "norm_and_head"), default="all")
+    parser.add_argument(
+        "--runs", default=None, help="comma-separated subset of the runs (must include sgd)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result = {"device": jax.devices()[0].device_kind, "rank": args.rank}
     for name in args.models.split(","):
         if name not in _MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {sorted(_MODELS)}")
-        figures = bench_model(name, args.steps, args.repeats, args.rank, args.trainable)
+        runs = tuple(args.runs.split(",")) if args.runs else None
+        figures = bench_model(name, args.steps, args.repeats, args.rank, args.trainable, runs)
         result.update(figures)
         for key, value in figures.items():
             if key.endswith("over_sgd"):

@@ -93,7 +93,10 @@ def test_full_rank_low_rank_vi_recovers_the_exact_posterior_covariance():
         prior_precision=PRIOR_PRECISION,
         rank=4,
         init_std=0.05,
-        num_mc_samples=16,
+        # 64 draws: with 16 the final iterate's Monte-Carlo noise alone moved the worst
+        # standardised covariance error between 0.01 and 0.09 across training seeds; with 64
+        # it is 0.017-0.020 on seeds 1-4, well inside the 0.05 bound below.
+        num_mc_samples=64,
     )
     state = _train(family, family.init(_zero_params(), {}), batch, num_steps)
     np.testing.assert_allclose(_flat(state.params), exact_mean, rtol=3e-2)
