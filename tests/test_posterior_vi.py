@@ -697,3 +697,34 @@ def test_low_rank_vi_with_gaussian_prior_and_zero_temperature():
         low_rank_vi.build(
             loss_fn, optax.sgd(1e-2), num_data=16, rank=2, prior=prior, temperature=-1.0
         )
+
+
+@pytest.mark.parametrize("family_name", ["mean_field", "low_rank"])
+def test_noise_is_drawn_once_per_step_not_per_activation(family_name):
+    """The compiled VI step computes the normal draw in one place only.
+
+    XLA used to fuse the draw's inverse-erf into every consumer of the reparameterised
+    GroupNorm scale, regenerating it per activation element (2.3x an SGD step on ResNet-20).
+    """
+    import re
+
+    from bnn_flat import models
+
+    module = models.ResNet(stage_sizes=(1, 1), num_classes=3, width=4, norm="group")
+    inputs = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    params, model_state = models.init(module, jax.random.key(1), inputs[:1])
+    loss_fn = objectives.classification_loss(models.make_apply(module), num_data=4)
+    build = mean_field_vi.build if family_name == "mean_field" else low_rank_vi.build
+    extra = {} if family_name == "mean_field" else {"rank": 2}
+    family = build(loss_fn, optax.sgd(0.1), num_data=4, prior_precision=1.0, **extra)
+    state = family.init(params, model_state)
+    batch = {"inputs": inputs, "labels": jnp.array([0, 1, 2, 0])}
+
+    def steps(state, key):
+        body = lambda s, k: (family.update(k, s, batch)[0], None)
+        return jax.lax.scan(body, state, jax.random.split(key, 2))[0]
+
+    text = jax.jit(steps).lower(state, jax.random.key(2)).compile().as_text()
+    computations = re.split(r"\n(?=%|ENTRY)", text)
+    with_erf_inv = [c.split(" ")[0] for c in computations if "erf_inv" in c]
+    assert 1 <= len(with_erf_inv) <= 2, with_erf_inv
