@@ -1,19 +1,27 @@
 r"""Compiler settings that make XLA:CPU fast for the networks this library trains.
 
-**Convolutions.** jaxlib 0.10 runs single convolutions through YNNPACK by default on the CPU
-(XLA's ``individual_convolution`` library-fusion type). For the small-channel convolutions
-of CIFAR ResNets and LeNet on a 2-core machine that is much slower than XLA's own (Eigen)
-convolution kernel: a ResNet-20 SGD step (batch 64) took 0.80-0.91 s with the default and
-0.44-0.49 s without YNNPACK convolutions, a LeNet step 52 ms against 44 ms, measured side by
-side (``python -m experiments.bench_backend``). The compiled HLO is the same; only the
-kernel that runs each convolution changes, so results agree to float32 rounding.
+**YNNPACK.** jaxlib 0.10 hands single convolutions, reductions and dots to YNNPACK by
+default on the CPU (XLA's ``individual_convolution``, ``reduce`` and ``dot`` library-fusion
+types). Two of the three are slow for what this library runs, measured side by side on a
+2-core machine (``python -m experiments.bench_backend``):
+
+* convolutions: a ResNet-20 SGD step (batch 64) took 750-910 ms with YNNPACK convolutions and
+  420-510 ms on XLA's own (Eigen) kernel; LeNet 48-52 ms against 41-44 ms;
+* reductions over a short leading axis, e.g. the rank axis of a low-rank factor
+  (``(5, 200704) -> (200704,)``): 37 ms each in YNNPACK, so a rank-5 low-rank VI step of a
+  784-256-256-10 MLP took 41 ms against 19 ms with XLA's reduction (YNNPACK's GroupNorm
+  reductions are faster, by ~15% of a ResNet-20 step, but one pathological shape costs more
+  than that gains).
+
+The tuned setting keeps YNNPACK for dots only. The compiled HLO is the same; only the kernels
+that run the convolutions and reductions change, so results agree to float32 rounding.
 
 Two ways to apply it, both only for the CPU backend and only with the jaxlib versions the
 tests cover (0.10.x):
 
-* :func:`tune_cpu` appends ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
-  (XLA's default list minus convolutions) to ``XLA_FLAGS``. XLA reads ``XLA_FLAGS`` once,
-  when JAX first initialises its backends, so this must run before the first computation;
+* :func:`tune_cpu` appends ``--xla_cpu_experimental_ynn_fusion_type=dot`` to ``XLA_FLAGS``.
+  XLA reads ``XLA_FLAGS`` once, when JAX first initialises its backends, so this must run
+  before the first computation;
   ``import bnn_flat`` calls it. It then applies to *every* CPU program of the process,
   including your own ``jax.jit`` functions. It does nothing when ``XLA_FLAGS`` already
   mentions the option (your choice wins) or when ``BNN_FLAT_CPU_TUNING=0`` is set.
@@ -26,8 +34,7 @@ GPU and TPU backends ignore ``xla_cpu_*`` flags, so nothing changes there.
 Example:
   >>> import bnn_flat
   >>> options = bnn_flat.backend.compiler_options()
-  >>> options in ({}, {"xla_cpu_experimental_ynn_fusion_type":
-  ...                  "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"})
+  >>> options in ({}, {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
   True
 """
 
@@ -39,13 +46,12 @@ from typing import Any
 __all__ = ["CPU_FLAGS", "tune_cpu", "cpu_tuning_active", "compiler_options", "status"]
 
 _OPTION = "xla_cpu_experimental_ynn_fusion_type"
-CPU_FLAGS = (f"--{_OPTION}=-individual_convolution",)
-"""``XLA_FLAGS`` entries that :func:`tune_cpu` adds: YNNPACK stays on for dots and reductions,
-and convolutions run on XLA's own CPU kernel."""
+CPU_FLAGS = (f"--{_OPTION}=dot",)
+"""``XLA_FLAGS`` entries that :func:`tune_cpu` adds: YNNPACK stays on for dots; convolutions
+and reductions run on XLA's own CPU kernels."""
 
-# XLA's default YNNPACK fusion types in jaxlib 0.10 without convolutions, spelled as compile
-# options (which take the enum names and cannot use the '-' form).
-_COMPILE_OPTION_VALUE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+# The same setting spelled as a compile option (which takes the enum names).
+_COMPILE_OPTION_VALUE = "LIBRARY_FUSION_TYPE_DOT"
 _SUPPORTED_JAXLIB = ((0, 10), (0, 11))  # [low, high) major.minor: the versions tested
 _DISABLE_VARIABLE = "BNN_FLAT_CPU_TUNING"
 

@@ -1,7 +1,8 @@
 """XLA:CPU convolution kernels: jaxlib's default (YNNPACK) against bnn_flat's CPU tuning.
 
-For each model, the same scanned SGD step (point family, momentum SGD) is compiled twice in
-one process: with jaxlib's default CPU settings, and with the compiler options of
+For each model, the same scanned training step (``--family=sgd``: point family with momentum
+SGD; ``--family=low_rank_vi``: rank-5 diagonal-plus-low-rank VI with momentum SGD) is compiled
+twice in one process: with jaxlib's default CPU settings, and with the compiler options of
 :func:`bnn_flat.backend.compiler_options` (XLA's own convolution kernel, YNNPACK kept for dots
 and reductions). The two programs are timed alternately (medians of warm runs) and their
 parameters after the steps are compared.
@@ -29,8 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from bnn_flat import backend  # noqa: E402
-from bnn_flat.posteriors import point  # noqa: E402
+from bnn_flat import backend, models, objectives  # noqa: E402
+from bnn_flat.posteriors import low_rank_vi, point  # noqa: E402
 from experiments import bench  # noqa: E402
 
 __all__ = ["bench_model", "main"]
@@ -40,11 +41,29 @@ def _tuned_options() -> dict[str, str]:
     return {backend._OPTION: backend._COMPILE_OPTION_VALUE}
 
 
-def bench_model(name: str, steps: int, repeats: int, size: str = "full") -> dict[str, float]:
-    """Seconds per scanned SGD step with jaxlib's default and with the tuned CPU options."""
+def bench_model(
+    name: str, steps: int, repeats: int, size: str = "full", family_name: str = "sgd"
+) -> dict[str, float]:
+    """Seconds per scanned step with jaxlib's default and with the tuned CPU options."""
     spec = bench._model_specs(size)[name]
     loss_fn, params, model_state, batch = bench._problem(name, spec)
-    family = point.build(loss_fn, optax.sgd(0.05, momentum=0.9))
+    optimizer = optax.sgd(0.05, momentum=0.9)
+    if family_name == "sgd":
+        family = point.build(loss_fn, optimizer)
+    elif family_name == "low_rank_vi":
+        module = bench._make_module(name, spec)
+        likelihood = objectives.classification_loss(
+            models.make_apply(module), num_data=bench._NUM_DATA
+        )
+        family = low_rank_vi.build(
+            likelihood,
+            optimizer,
+            num_data=bench._NUM_DATA,
+            prior_precision=bench._PRIOR_PRECISION,
+            rank=5,
+        )
+    else:
+        raise ValueError(f"unknown family {family_name!r}; use 'sgd' or 'low_rank_vi'")
     state = family.init(params, model_state)
     keys = jax.random.split(jax.random.key(3), steps)
 
@@ -74,13 +93,14 @@ def bench_model(name: str, steps: int, repeats: int, size: str = "full") -> dict
             jax.block_until_ready(program(state, keys))
             times[label].append((time.perf_counter() - begin) / steps)
     default, tuned = (statistics.median(times[label]) for label in ("default", "tuned"))
+    tag = f"{name}.{family_name}"
     return {
-        f"{name}.sgd.default_step_seconds": default,
-        f"{name}.sgd.tuned_step_seconds": tuned,
-        f"{name}.sgd.default_over_tuned": default / tuned,
-        f"{name}.sgd.default_compile_seconds": compile_seconds["default"],
-        f"{name}.sgd.tuned_compile_seconds": compile_seconds["tuned"],
-        f"{name}.sgd.max_abs_param_difference": difference,
+        f"{tag}.default_step_seconds": default,
+        f"{tag}.tuned_step_seconds": tuned,
+        f"{tag}.default_over_tuned": default / tuned,
+        f"{tag}.default_compile_seconds": compile_seconds["default"],
+        f"{tag}.tuned_compile_seconds": compile_seconds["tuned"],
+        f"{tag}.max_abs_param_difference": difference,
     }
 
 
@@ -90,19 +110,22 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--families", default="sgd", help="comma-separated: sgd, low_rank_vi")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result: dict[str, float | str] = {"device": jax.devices()[0].device_kind}
-    for name in args.models.split(","):
-        figures = bench_model(name, args.steps, args.repeats, args.size)
-        result.update(figures)
-        print(
-            f"{name:9s} default {figures[f'{name}.sgd.default_step_seconds'] * 1e3:8.1f} ms  "
-            f"tuned {figures[f'{name}.sgd.tuned_step_seconds'] * 1e3:8.1f} ms  "
-            f"ratio {figures[f'{name}.sgd.default_over_tuned']:.2f}  "
-            f"max |dparams| {figures[f'{name}.sgd.max_abs_param_difference']:.1e}",
-            flush=True,
-        )
+    for family_name in args.families.split(","):
+        for name in args.models.split(","):
+            figures = bench_model(name, args.steps, args.repeats, args.size, family_name)
+            result.update(figures)
+            tag = f"{name}.{family_name}"
+            print(
+                f"{tag:22s} default {figures[f'{tag}.default_step_seconds'] * 1e3:8.1f} ms  "
+                f"tuned {figures[f'{tag}.tuned_step_seconds'] * 1e3:8.1f} ms  "
+                f"ratio {figures[f'{tag}.default_over_tuned']:.2f}  "
+                f"max |dparams| {figures[f'{tag}.max_abs_param_difference']:.1e}",
+                flush=True,
+            )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:
