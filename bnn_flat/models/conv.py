@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bnn_flat._fusion import fence
+
 __all__ = ["IMPLEMENTATIONS", "Conv", "conv_general_dilated", "resolve_implementation"]
 
 IMPLEMENTATIONS = ("auto", "canonical", "lax")
@@ -213,8 +215,10 @@ def _canonical_conv_jvp(config: _Config, primals, tangents):
     # (in, spatial..., out) and the output as (spatial..., batch, out): JAX's transpose with
     # respect to the kernel is then the canonical convolution of the input (in as batch, batch
     # as features) with the output cotangent (spatial..., batch, out) as kernel.
-    lhs_moved = jnp.moveaxis(lhs, 0, -1)
-    lhs_moved = jnp.moveaxis(lhs_moved, -2, 0)  # (in, spatial..., batch)
+    # The transpose runs inside `fence`'s loop: otherwise XLA fuses the producers of `lhs`
+    # (normalisation, ReLU and skip additions of earlier blocks) into it and recomputes them
+    # per element; with the fence it reads the stored input (ResNet-20 step ~1.5x faster).
+    lhs_moved = fence(jnp.moveaxis(jnp.moveaxis(lhs, 0, -1), -2, 0))  # (in, spatial..., batch)
     rhs_dot_moved = jnp.moveaxis(rhs_dot, -2, 0)  # (in, spatial..., out)
     kernel_numbers = lax.ConvDimensionNumbers(
         lhs_spec=(ndim - 1, 0, *spatial),
