@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bnn_flat._fusion import computed_once
+
 __all__ = ["materialised", "standard_normal"]
 
 
@@ -56,10 +58,9 @@ def standard_normal(
 def materialised(draw: Callable[[jax.Array], Any], key: jax.Array) -> Any:
     """``draw(key)``, computed once and stored before anything uses it.
 
-    The draw runs as the body of a ``while`` loop whose exit test XLA cannot evaluate at
-    compile time, and loop results are materialised, so consumers read stored values instead
-    of regenerating them. The loop always runs exactly once (``never`` is false for every key:
-    no integer is both above and below another), so the result is exactly ``draw(key)``.
+    The draw runs through :func:`bnn_flat._fusion.computed_once` (the body of a ``while``
+    loop that runs exactly once), so consumers read stored values instead of regenerating
+    them; the result is exactly ``draw(key)``.
 
     Args:
       key: PRNG key (typed or raw ``uint32``) passed to ``draw``.
@@ -75,14 +76,4 @@ def materialised(draw: Callable[[jax.Array], Any], key: jax.Array) -> Any:
       ...       == jax.random.normal(key, (4,))).all())
       True
     """
-    bits = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    bits = jnp.ravel(bits)
-    never = (bits[0] > bits[-1]) & (bits[0] < bits[-1])
-    shapes = jax.eval_shape(draw, key)
-    zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
-    _, values = jax.lax.while_loop(
-        lambda carry: jnp.logical_not(carry[0]),
-        lambda carry: (jnp.ones((), bool), draw(key)),
-        (never, zeros),
-    )
-    return values
+    return computed_once(draw, key)
