@@ -37,6 +37,10 @@ def computed_once(function: Callable[..., Any], *args: Any) -> Any:
       True
     """
     leaves = [leaf for leaf in jax.tree.leaves(args) if jnp.size(leaf) > 0]
+    if not any(_staged(leaf) for leaf in leaves):
+        # Eager execution runs each operation on its own (nothing to fuse), and a loop there
+        # would be compiled anew at every call.
+        return function(*args)
     if leaves:
         probe = jnp.ravel(jnp.asarray(leaves[0]))[0]
         if jnp.issubdtype(probe.dtype, jax.dtypes.prng_key):
@@ -52,6 +56,25 @@ def computed_once(function: Callable[..., Any], *args: Any) -> Any:
         (never, zeros),
     )
     return values
+
+
+def _staged(value: Any) -> bool:
+    """Whether ``value`` is being traced into a compiled program (``jit``, ``scan``, ...)."""
+    try:
+        from jax._src.interpreters.partial_eval import DynamicJaxprTracer
+    except ImportError:  # pragma: no cover - private path moved: treat every tracer as staged
+        return isinstance(value, jax.core.Tracer)
+    while isinstance(value, jax.core.Tracer):
+        if isinstance(value, DynamicJaxprTracer):
+            return True
+        # JVP and batching tracers wrap the value of the trace below them
+        inner = getattr(value, "primal", None)
+        if inner is None:
+            inner = getattr(value, "val", None)
+        if inner is None or inner is value:
+            return False
+        value = inner
+    return False
 
 
 @jax.custom_jvp
