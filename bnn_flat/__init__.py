@@ -17,7 +17,6 @@ from bnn_flat import backend
 backend.tune_cpu()
 
 from bnn_flat import (  # noqa: E402  (the flag above must precede any computation)
-    backend,
     bma,
     calibration,
     data,

@@ -10,22 +10,20 @@ Two XLA:CPU effects, both fixed here without changing any random value:
   consumer. When the noise perturbs a normalisation layer's scale, which is broadcast over a
   whole activation tensor, the draw is recomputed once per activation element: with
   trainable GroupNorm parameters a ResNet-20 VI step took 2.3-2.5x an SGD step instead of
-  ~1x. :func:`materialised` stops it (``lax.optimization_barrier`` does not: XLA:CPU drops
-  barriers before fusion, and it inlines conditionals and loops it can prove run once).
+  ~1x. Drawing through :func:`bnn_flat._fusion.computed_once` stops it
+  (``lax.optimization_barrier`` does not: XLA:CPU drops barriers before fusion).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from bnn_flat._fusion import computed_once
 
-__all__ = ["materialised", "standard_normal"]
+__all__ = ["standard_normal"]
 
 
 def standard_normal(
@@ -51,29 +49,5 @@ def standard_normal(
     padded = size + size % 2
     if size == 0:
         return jnp.zeros(shape, dtype)
-    flat = materialised(lambda k: jax.random.normal(k, (padded,), dtype), key)
+    flat = computed_once(lambda k: jax.random.normal(k, (padded,), dtype), key)
     return flat[:size].reshape(shape)
-
-
-def materialised(draw: Callable[[jax.Array], Any], key: jax.Array) -> Any:
-    """``draw(key)``, computed once and stored before anything uses it.
-
-    The draw runs through :func:`bnn_flat._fusion.computed_once` (the body of a ``while``
-    loop that runs exactly once), so consumers read stored values instead of regenerating
-    them; the result is exactly ``draw(key)``.
-
-    Args:
-      key: PRNG key (typed or raw ``uint32``) passed to ``draw``.
-      draw: function of the key returning a pytree of arrays.
-
-    Returns:
-      ``draw(key)``.
-
-    Example:
-      >>> import jax
-      >>> key = jax.random.key(1)
-      >>> bool((materialised(lambda k: jax.random.normal(k, (4,)), key)
-      ...       == jax.random.normal(key, (4,))).all())
-      True
-    """
-    return computed_once(draw, key)

@@ -21,10 +21,10 @@ tests cover (0.10.x):
 
 * :func:`tune_cpu` appends ``--xla_cpu_experimental_ynn_fusion_type=dot`` to ``XLA_FLAGS``.
   XLA reads ``XLA_FLAGS`` once, when JAX first initialises its backends, so this must run
-  before the first computation;
-  ``import bnn_flat`` calls it. It then applies to *every* CPU program of the process,
-  including your own ``jax.jit`` functions. It does nothing when ``XLA_FLAGS`` already
-  mentions the option (your choice wins) or when ``BNN_FLAT_CPU_TUNING=0`` is set.
+  before the first computation; ``import bnn_flat`` calls it. It then applies to *every*
+  CPU program of the process, including your own ``jax.jit`` functions. It does nothing
+  when ``XLA_FLAGS`` already mentions the option (your choice wins) or when
+  ``BNN_FLAT_CPU_TUNING=0`` is set.
 * :func:`compiler_options` gives the same setting as ``jax.jit(..., compiler_options=...)``
   options, for top-level jits when the flag could not be set in time (JAX was used before
   ``bnn_flat`` was imported). :func:`bnn_flat.training.fit` passes them to its epoch program.
@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["CPU_FLAGS", "tune_cpu", "cpu_tuning_active", "compiler_options", "status"]
+__all__ = ["CPU_FLAGS", "tune_cpu", "compiler_options", "status"]
 
 _OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = (f"--{_OPTION}=dot",)
@@ -116,16 +116,6 @@ def tune_cpu() -> bool:
         current = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = " ".join([current, *CPU_FLAGS]).strip()
         _state.update(applied=True, reason="XLA_FLAGS set before backend initialisation")
-    return bool(_state["applied"])
-
-
-def cpu_tuning_active() -> bool:
-    """Whether every CPU program of this process already runs with :data:`CPU_FLAGS`.
-
-    Example:
-      >>> cpu_tuning_active() in (True, False)
-      True
-    """
     return bool(_state["applied"])
 
 
