@@ -15,6 +15,15 @@ transpose rules produce canonical convolutions. Reverse mode, forward mode, forw
 (Hessian-vector products), reverse-over-reverse and ``vmap`` all work; the gradients are
 bit-identical to JAX's.
 
+Convolutions with few input terms per output (``in_features x kernel size <= 32``, e.g. the
+first layer of an image model: 1 x 5 x 5 for LeNet on greyscale images, 3 x 3 x 3 for a ResNet
+stem) compute their *value* as a sum of shifted input slices times kernel rows, one fused
+element-wise loop, instead of Eigen's convolution: Eigen packs image patches element by
+element when the channel count is small, and a LeNet training step on CPU spent a third of its
+time in that forward convolution (39 -> 28 ms per step without it). The derivative
+convolutions stay canonical Eigen convolutions; results equal lax's up to float summation
+order.
+
 ``implementation="auto"`` uses this form when the default backend is the CPU and plain
 :func:`jax.lax.conv_general_dilated` elsewhere (GPU/TPU compilers pick their own layouts).
 :class:`Conv` is a drop-in replacement for :class:`flax.linen.Conv` with the same parameters.
@@ -23,6 +32,8 @@ bit-identical to JAX's.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -33,7 +44,13 @@ from jax import lax
 
 from bnn_flat._fusion import fence
 
-__all__ = ["IMPLEMENTATIONS", "Conv", "conv_general_dilated", "resolve_implementation"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "SHIFTED_SUM_MAX_TERMS",
+    "Conv",
+    "conv_general_dilated",
+    "resolve_implementation",
+]
 
 IMPLEMENTATIONS = ("auto", "canonical", "lax")
 """Accepted ``implementation`` strings.
@@ -189,9 +206,69 @@ def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     )
 
 
+SHIFTED_SUM_MAX_TERMS = 32
+"""Largest ``in_features x kernel size`` whose forward value is a fused sum of shifted slices."""
+
+
+def _uses_shifted_sum(config: _Config, lhs: jax.Array, rhs: jax.Array) -> bool:
+    terms = math.prod(rhs.shape[:-1])
+    return (
+        terms <= SHIFTED_SUM_MAX_TERMS
+        and all(d == 1 for d in config.lhs_dilation)
+        and lhs.dtype in (jnp.float32, jnp.float64)
+        and rhs.dtype == lhs.dtype
+    )
+
+
+def _shifted_sum_conv(config: _Config, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """The channels-last convolution as one fused sum over kernel taps and input features.
+
+    ``y[n, p, o] = sum_{t, c} x_pad[n, p * stride + t * dilation, c] * w[t, c, o]``: each term
+    is a strided slice of the padded input (one feature, broadcast over the output features)
+    times a kernel row. The result is fenced so that consumers read it instead of re-running
+    the sum per element.
+    """
+    num_spatial = lhs.ndim - 2
+    kernel_size = rhs.shape[:num_spatial]
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, config.rhs_dilation, strict=True))
+    padding = config.padding
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:-1], dilated, config.window_strides, padding)
+    padded = lax.pad(
+        lhs,
+        jnp.zeros((), lhs.dtype),
+        [(0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)],
+    )
+    out_size = tuple(
+        (size - k) // s + 1
+        for size, k, s in zip(padded.shape[1:-1], dilated, config.window_strides, strict=True)
+    )
+    total = None
+    for tap in itertools.product(*(range(k) for k in kernel_size)):
+        start = [t * d for t, d in zip(tap, config.rhs_dilation, strict=True)]
+        steps = zip(start, out_size, config.window_strides, strict=True)
+        limit = [begin + (count - 1) * stride + 1 for begin, count, stride in steps]
+        for feature in range(lhs.shape[-1]):
+            window = lax.slice(
+                padded,
+                (0, *start, feature),
+                (lhs.shape[0], *limit, feature + 1),
+                (1, *config.window_strides, 1),
+            )
+            term = window * rhs[(*tap, feature)]
+            total = term if total is None else total + term
+    return fence(total)
+
+
+def _forward(config: _Config, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    if _uses_shifted_sum(config, lhs, rhs):
+        return _shifted_sum_conv(config, lhs, rhs)
+    return config.conv(lhs, rhs, _channels_last_numbers(lhs.ndim))
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _canonical_conv(config: _Config, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-    return config.conv(lhs, rhs, _channels_last_numbers(lhs.ndim))
+    return _forward(config, lhs, rhs)
 
 
 @_canonical_conv.defjvp
@@ -201,7 +278,7 @@ def _canonical_conv_jvp(config: _Config, primals, tangents):
     ndim = lhs.ndim
     spatial = tuple(range(1, ndim - 1))
     kernel_spatial = tuple(range(ndim - 2))
-    output = config.conv(lhs, rhs, _channels_last_numbers(ndim))
+    output = _forward(config, lhs, rhs)
     # Input tangent with the kernel stored as (spatial..., out, in): JAX's transpose of this
     # convolution with respect to the input then reads the kernel as (spatial..., in, out).
     input_numbers = lax.ConvDimensionNumbers(
