@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 
 from bnn_flat.models.conv import Conv
+from bnn_flat.models.pooling import avg_pool, max_pool
 
 __all__ = ["LeNet", "lenet"]
 
@@ -35,7 +36,9 @@ class LeNet(nn.Module):
     Attributes:
       num_classes: Number of output logits.
       dropout_rate: Dropout probability after each hidden dense layer (inverted dropout).
-      pooling: ``"max"`` or ``"average"`` 2x2 pooling with stride 2.
+      pooling: ``"max"`` or ``"average"`` 2x2 pooling with stride 2
+        (:mod:`bnn_flat.models.pooling`: the values and gradients of Flax's pooling, with
+        element-wise derivatives).
       activation: Element-wise nonlinearity.
       conv: Factory of convolution modules with the signature of :class:`flax.linen.Conv`;
         swap it for a faster implementation without changing the parameter layout. The
@@ -79,12 +82,12 @@ class LeNet(nn.Module):
           Logits of shape ``(batch, num_classes)``.
         """
         _check_images(inputs)
-        pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
+        pool = max_pool if self.pooling == "max" else avg_pool
         x = inputs
         for index, features in enumerate((6, 16)):
             x = self.conv(features, (5, 5), padding="SAME", name=f"conv_{index}")(x)
             x = self.activation(x)
-            x = pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = pool(x, (2, 2))
         x = x.reshape(x.shape[0], -1)
         for index, features in enumerate((120, 84)):
             x = nn.Dense(features, name=f"dense_{index}")(x)
