@@ -21,6 +21,9 @@ _CASES = [
     ((2, 10, 9, 2), (3, 2, 2, 3), (2, 1), ((2, 0), (1, 3)), None, None),
     ((2, 9, 9, 2), (3, 3, 2, 3), (1, 2), "SAME", None, (2, 1)),
     ((2, 5, 5, 2), (3, 3, 2, 3), (1, 1), ((1, 1), (1, 1)), (2, 2), None),
+    # Eigen convolutions on features zero-padded to a multiple of 8 (6 -> 8, 12 -> 16)
+    ((2, 8, 8, 6), (3, 3, 6, 12), (1, 1), "SAME", None, None),
+    ((2, 9, 9, 12), (3, 3, 12, 6), (2, 2), ((1, 1), (1, 1)), None, None),
 ]
 
 
@@ -144,6 +147,22 @@ def test_small_convolutions_compute_their_value_as_a_shifted_sum():
     x4, w4 = _data((2, 6, 6, 4), (3, 3, 4, 4))
     assert " convolution(" in forward.lower(x4, w4).compile().as_text()
     assert conv.SHIFTED_SUM_MAX_TERMS == 32
+
+
+def test_features_are_padded_to_whole_vectors():
+    """6 -> 12 features run as 8 -> 16 in every convolution of the gradient; same numbers."""
+    x, w = _data((2, 6, 6, 6), (3, 3, 6, 12))
+
+    def loss(v, k):
+        return jnp.sum(_ours(v, k, (1, 1), "SAME", None, None) ** 2)
+
+    text = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    shapes = sorted(
+        line.split(" = ")[1].split("{")[0] for line in text.splitlines() if " convolution(" in line
+    )
+    # forward (2,6,6,16); input gradient (2,6,6,8); kernel gradient (8,3,3,16)
+    assert shapes == ["f32[2,6,6,16]", "f32[2,6,6,8]", "f32[8,3,3,16]"]
+    assert conv.FEATURE_ALIGNMENT == 8
 
 
 def test_fallbacks_and_option_validation():

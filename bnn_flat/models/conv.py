@@ -22,7 +22,10 @@ element-wise loop, instead of Eigen's convolution: Eigen packs image patches ele
 element when the channel count is small, and a LeNet training step on CPU spent a third of its
 time in that forward convolution (39 -> 28 ms per step without it). The derivative
 convolutions stay canonical Eigen convolutions; results equal lax's up to float summation
-order.
+order. Other convolutions zero-pad their input and output features to a multiple of
+:data:`FEATURE_ALIGNMENT` (8 floats, one AVX vector) when that adds at most a third more work:
+Eigen then packs whole vectors (LeNet's 6 -> 16 convolution and its input gradient run
+1.4-1.5x faster); the padded outputs are sliced off, so values and gradients are unchanged.
 
 ``implementation="auto"`` uses this form when the default backend is the CPU and plain
 :func:`jax.lax.conv_general_dilated` elsewhere (GPU/TPU compilers pick their own layouts).
@@ -45,6 +48,7 @@ from jax import lax
 from bnn_flat._fusion import fence
 
 __all__ = [
+    "FEATURE_ALIGNMENT",
     "IMPLEMENTATIONS",
     "SHIFTED_SUM_MAX_TERMS",
     "Conv",
@@ -172,7 +176,29 @@ def conv_general_dilated(
         rhs_dilation=rhs_dilation,
         precision=precision,
     )
-    return _canonical_conv(config, lhs, rhs)
+    if _uses_shifted_sum(config, lhs, rhs):
+        return _canonical_conv(config, lhs, rhs)
+    in_features, out_features = rhs.shape[-2:]
+    in_padded, out_padded = _aligned(in_features), _aligned(out_features)
+    if (in_padded, out_padded) == (in_features, out_features):
+        return _canonical_conv(config, lhs, rhs)
+    # zero features up to a multiple of FEATURE_ALIGNMENT: the same sums, and Eigen packs
+    # whole vectors (LeNet's 6 -> 16 convolution and its input gradient: 1.4-1.5x faster)
+    lhs = jnp.pad(lhs, [(0, 0)] * (lhs.ndim - 1) + [(0, in_padded - in_features)])
+    rhs = jnp.pad(
+        rhs,
+        [(0, 0)] * (rhs.ndim - 2) + [(0, in_padded - in_features), (0, out_padded - out_features)],
+    )
+    return _canonical_conv(config, lhs, rhs)[..., :out_features]
+
+
+FEATURE_ALIGNMENT = 8
+"""Feature counts are zero-padded to a multiple of this when that adds at most a third."""
+
+
+def _aligned(features: int) -> int:
+    padded = -(-features // FEATURE_ALIGNMENT) * FEATURE_ALIGNMENT
+    return padded if 3 * padded <= 4 * features else features
 
 
 class _Config(NamedTuple):
