@@ -1,7 +1,8 @@
 """Step time of SA-BMA against a plain SGD step of the same model and batch.
 
 For each model, one jitted ``lax.scan`` over ``--steps`` training steps on a fixed batch is
-timed (medians of ``--repeats`` warm runs, compile time separately) for:
+timed (medians of ``--repeats`` warm runs, the runs timed in turn within each repeat so that
+load bursts on a shared machine hit all of them; compile time separately) for:
 
 * ``sgd``: the point family with ``optax.sgd`` (one gradient evaluation);
 * ``sam``: the point family with ``transforms.sam`` (two gradient evaluations);
@@ -33,7 +34,7 @@ import optax
 
 from bnn_flat import models, objectives, transfer, transforms
 from bnn_flat.posteriors import low_rank_vi, point
-from experiments.bench_transforms import _timed as _median_seconds
+from experiments.bench_transforms import _timed_interleaved
 
 _MODELS = {
     "mlp": (lambda: models.mlp([256, 256], num_outputs=10), (28, 28, 1), 128),
@@ -91,6 +92,7 @@ def bench_model(
         families = {run: family for run, family in families.items() if run in runs}
     tag = name if trainable == "all" else f"{name}_{trainable}"
     result = {f"{tag}.trainable_parameters": float(models.num_params(params))}
+    runs = {}
     for run_name, family in families.items():
 
         def run(state, key, family=family):
@@ -99,8 +101,8 @@ def bench_model(
 
             return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
 
-        state = family.init(params, model_state)
-        seconds, compile_seconds = _median_seconds(run, (state, jax.random.key(3)), repeats)
+        runs[run_name] = (run, (family.init(params, model_state), jax.random.key(3)))
+    for run_name, (seconds, compile_seconds) in _timed_interleaved(runs, repeats).items():
         result[f"{tag}.{run_name}.step_seconds"] = seconds / steps
         result[f"{tag}.{run_name}.compile_seconds"] = compile_seconds
     base = result[f"{tag}.sgd.step_seconds"]

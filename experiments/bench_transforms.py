@@ -69,6 +69,28 @@ def _timed(fn, args, repeats: int) -> tuple[float, float]:
     return statistics.median(times), compile_seconds
 
 
+def _timed_interleaved(runs: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds and compile seconds per run, the runs timed in turn in every repeat.
+
+    ``runs`` maps names to ``(fn, args)``. Round-robin timing spreads the load bursts of a
+    shared machine over every run, so ratios between runs are much steadier than those of
+    back-to-back blocks.
+    """
+    compiled, compile_seconds = {}, {}
+    for name, (fn, args) in runs.items():
+        begin = time.perf_counter()
+        compiled[name] = jax.jit(fn).lower(*args).compile()
+        compile_seconds[name] = time.perf_counter() - begin
+        jax.block_until_ready(compiled[name](*args))
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (_, args) in runs.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(compiled[name](*args))
+            times[name].append(time.perf_counter() - begin)
+    return {name: (statistics.median(times[name]), compile_seconds[name]) for name in runs}
+
+
 def bench_model(name: str, steps: int, repeats: int, only=None, spec=None) -> dict[str, float]:
     """Step times of one model; ``spec=(make, shape, batch_size)`` overrides ``_MODELS[name]``."""
     make, shape, batch_size = spec if spec is not None else _MODELS[name]
