@@ -9,8 +9,9 @@ batch, so dispatch overhead is excluded) is timed for:
 * every bnn_flat transform in ``optax.chain(transform, optax.sgd)`` through the point
   family (bSAM on its own: it is a full optimizer).
 
-Reports medians of ``--repeats`` warm runs and each step's ratio to ``sgd``, to
-``handwritten_sam`` and to ``optax_sam``; compile time is reported separately.
+Reports medians of ``--repeats`` warm runs (the runs timed in turn within each repeat) and
+each step's ratio to ``sgd``, to ``handwritten_sam`` and to ``optax_sam``; compile time is
+reported separately.
 
 Run:
   python -m experiments.bench_transforms --quick --json=runs/bench_transforms.json
@@ -54,19 +55,6 @@ def _transforms(num_data: int) -> dict[str, optax.GradientTransformation]:
         ),
         "bsam": transforms.bsam(_LEARNING_RATE, rho=_RHO, num_data=num_data, prior_precision=1.0),
     }
-
-
-def _timed(fn, args, repeats: int) -> tuple[float, float]:
-    begin = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_seconds = time.perf_counter() - begin
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), compile_seconds
 
 
 def _timed_interleaved(runs: dict, repeats: int) -> dict[str, tuple[float, float]]:
@@ -177,8 +165,11 @@ def bench_model(name: str, steps: int, repeats: int, only=None, spec=None) -> di
         runs[transform_name] = scan_family(point.build(loss_fn, tx))
 
     result = {}
-    for run_name, (fn, state) in runs.items():
-        seconds, compile_seconds = _timed(fn, (state, batch, jax.random.key(3)), repeats)
+    key = jax.random.key(3)
+    timed = _timed_interleaved(
+        {run_name: (fn, (state, batch, key)) for run_name, (fn, state) in runs.items()}, repeats
+    )
+    for run_name, (seconds, compile_seconds) in timed.items():
         result[f"{run_name}.step_seconds"] = seconds / steps
         result[f"{run_name}.compile_seconds"] = compile_seconds
     for run_name in runs:
