@@ -155,6 +155,30 @@ def sabma_geometry(phi):
     return _Geometry.build(phi)
 
 
+def test_fisher_diagonal_is_accurate_when_the_factor_dominates_the_diagonal():
+    """sigma = 1e-3 and |W| ~ 0.05 (a SWAG-like prior): the factor block of diag F in float32
+    matches a float64 reference (the subtraction form W D^-1 - (W U) U^T lost every digit)."""
+    d, rank = 4000, 5
+    factor = 0.05 * jax.random.normal(jax.random.key(11), (rank, d))
+    std = jnp.full(d, 1e-3)
+    phi = {
+        "mean": jnp.zeros(d),
+        "raw_scale": jnp.log(jnp.expm1(std)),
+        "factor": factor,
+    }
+    got = jax.jit(lambda p: sabma_geometry(p).covariance_fisher_diagonal())(phi)
+    w = np.asarray(factor, np.float64)
+    variance = np.asarray(jax.nn.softplus(phi["raw_scale"]), np.float64) ** 2
+    capacitance = np.eye(rank) + (w / variance) @ w.T
+    b_rows = np.linalg.solve(capacitance, w / variance)  # W Sigma^-1
+    inverse_diagonal = 1.0 / variance - np.einsum(
+        "kd,kj,jd->d", w / variance, np.linalg.inv(capacitance), w / variance
+    )
+    quadratic = np.sum(w * b_rows, axis=1)
+    expected = b_rows**2 + quadratic[:, None] * inverse_diagonal[None, :]
+    np.testing.assert_allclose(got["factor"], expected, rtol=2e-3)
+
+
 def test_exact_solve_equals_dense_solve_and_fisher_norm_is_rho():
     phi = _low_rank_phi(jax.random.key(3))
     fisher, unravel = _dense_fisher(phi)

@@ -446,7 +446,10 @@ class _Geometry:
                 cholesky, jnp.eye(rank, dtype=std.dtype), lower=True
             )
             self.woodbury_rows = inverse_cholesky @ scaled  # U^T, (K, d)
-            self.sigma_inverse_factor_rows = self.inverse_covariance_rows(factor)  # W A = B^T
+            # B^T = W Sigma^-1 = M^-1 W D^-1 (push-through identity): no subtraction, so no
+            # cancellation when W dominates D (W D^-1 - (W U) U^T loses every digit in
+            # float32 at sigma = 1e-3, |W| = 0.05)
+            self.sigma_inverse_factor_rows = inverse_cholesky.T @ self.woodbury_rows
             self.inverse_covariance_diagonal = self.inverse_variance - jnp.sum(
                 self.woodbury_rows**2, axis=0
             )
