@@ -177,6 +177,10 @@ def test_fisher_diagonal_is_accurate_when_the_factor_dominates_the_diagonal():
     quadratic = np.sum(w * b_rows, axis=1)
     expected = b_rows**2 + quadratic[:, None] * inverse_diagonal[None, :]
     np.testing.assert_allclose(got["factor"], expected, rtol=2e-3)
+    # the per-leaf path of the default preconditioner divides by the same diagonal
+    ones = jax.tree.map(jnp.ones_like, phi)
+    solved = transforms.posterior_fisher_inverse_product(phi, ones, damping=0.0)
+    np.testing.assert_allclose(solved["factor"], 1.0 / expected, rtol=2e-3)
 
 
 def test_exact_solve_equals_dense_solve_and_fisher_norm_is_rho():
