@@ -86,6 +86,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from bnn_flat._linalg import gram, small_matmul
 from bnn_flat._random import standard_normal
 from bnn_flat.transforms.sam import (
     Direction,
@@ -483,7 +484,7 @@ def _diagonal_fisher_inverse_product(
     else:
         scaled = jax.tree.map(lambda w, a: w * a[None], factor, inverse_variance)  # W D^-1
         capacitance = jnp.eye(rank, dtype=dtype) + sum(
-            _gram(rows(a), rows(w))
+            gram(rows(a), rows(w))
             for a, w in zip(jax.tree.leaves(scaled), jax.tree.leaves(factor), strict=True)
         )
         inverse_cholesky = jax.scipy.linalg.solve_triangular(
@@ -491,7 +492,7 @@ def _diagonal_fisher_inverse_product(
         )
         capacitance_inverse = inverse_cholesky.T @ inverse_cholesky
         # B^T = W Sigma^-1 = M^-1 W D^-1 (push-through identity: no cancellation)
-        b_rows = jax.tree.map(lambda a: _small_matmul(capacitance_inverse, a), scaled)
+        b_rows = jax.tree.map(lambda a: small_matmul(capacitance_inverse, a), scaled)
         # diag(Sigma^-1) = D^-1 - diag(D^-1 W^T M^-1 W D^-1)
         a_diagonal = jax.tree.map(
             lambda a, sc, b: a - jnp.sum(sc * b, axis=0), inverse_variance, scaled, b_rows
@@ -521,18 +522,6 @@ def _diagonal_fisher_inverse_product(
     return out
 
 
-def _small_matmul(matrix: jax.Array, stacked: jax.Array) -> jax.Array:
-    """``matrix @ stacked`` over the leading (K) axis as K fused multiply-adds per output.
-
-    XLA:CPU's library GEMM takes ~3 ms for a (5, 5) x (5, 269322) product that the unrolled
-    element-wise sum does in one pass.
-    """
-    return sum(
-        matrix[:, j].reshape((-1,) + (1,) * (stacked.ndim - 1)) * stacked[j]
-        for j in range(stacked.shape[0])
-    )
-
-
 # The Gaussian geometry on flattened parameters ---------------------------------------------
 
 
@@ -552,7 +541,7 @@ class _Geometry:
             # would waste most of each vector register as the minor axis
             rank = factor.shape[0]
             scaled = factor * self.inverse_variance[None, :]  # W D^-1
-            capacitance = jnp.eye(rank, dtype=std.dtype) + _gram(scaled, factor)
+            capacitance = jnp.eye(rank, dtype=std.dtype) + gram(scaled, factor)
             cholesky = jnp.linalg.cholesky(capacitance)
             # A = Sigma^-1 = D^-1 - U U^T with U^T = L^-1 W D^-1; invert the K x K factor
             # first: XLA:CPU's triangular solve with d right-hand sides is ~20x slower than
@@ -634,7 +623,7 @@ class _Geometry:
         """``rows @ Sigma^-1`` for ``rows`` of shape (m, d)."""
         out = rows * self.inverse_variance[None, :]
         if self.factor is not None:
-            out = out - _gram(rows, self.woodbury_rows) @ self.woodbury_rows
+            out = out - gram(rows, self.woodbury_rows) @ self.woodbury_rows
         return out
 
     def apply_inverse_covariance(self, columns: jax.Array) -> jax.Array:
@@ -711,19 +700,6 @@ class _Geometry:
                 factor_key, (self.factor.shape[0],), self.std.dtype
             )
         return self.mean_unravel(draw)
-
-
-def _gram(left: jax.Array, right: jax.Array) -> jax.Array:
-    """``left @ right.T`` for (m, d) and (n, d); matrix-vector products when m or n is small.
-
-    XLA:CPU's library GEMM runs a (5, d) x (d, 5) product about 2x slower than five
-    matrix-vector products over the same data.
-    """
-    if min(left.shape[0], right.shape[0]) > 16:
-        return left @ right.T
-    if left.shape[0] <= right.shape[0]:
-        return jnp.stack([right @ row for row in left], axis=0)
-    return jnp.stack([left @ row for row in right], axis=1)
 
 
 def _log_density(variational_params: dict[str, Params], params: Params) -> jax.Array:
