@@ -281,19 +281,14 @@ def posterior_fisher_inverse_product(
       Array([4.], dtype=float32)
     """
     _check_options(perturb, covariance_fisher)
-    if covariance_fisher == "diagonal" or perturb == "mean":
+    _check_variational(variational_params)
+    # the covariance Fisher of a mean-field q is diagonal: "exact" is the diagonal solve
+    if covariance_fisher == "diagonal" or perturb == "mean" or "factor" not in variational_params:
         return _diagonal_fisher_inverse_product(variational_params, vector, perturb, damping)
     geometry = _Geometry.build(variational_params)
     flat = geometry.flatten(vector)
     out = {"mean": geometry.covariance_matvec(flat["mean"])}
-    if perturb == "mean":
-        out.update({name: jnp.zeros_like(value) for name, value in flat.items() if name != "mean"})
-    else:
-        out.update(
-            geometry.covariance_fisher_solve(
-                flat, damping, cg_iterations, exact=covariance_fisher == "exact"
-            )
-        )
+    out.update(geometry.covariance_fisher_cg_solve(flat, damping, cg_iterations))
     return geometry.unflatten(out)
 
 
@@ -668,19 +663,15 @@ class _Geometry:
         factor_diagonal = b_rows**2 + quadratic[:, None] * a_diagonal[None, :]
         return {"raw_scale": 2.0 * chain**2 * a_diagonal**2, "factor": factor_diagonal}
 
-    def covariance_fisher_solve(
-        self, vector: dict[str, jax.Array], damping: float, iterations: int, *, exact: bool
+    def covariance_fisher_cg_solve(
+        self, vector: dict[str, jax.Array], damping: float, iterations: int
     ) -> dict[str, jax.Array]:
+        """Damped CG solve of the covariance block (with a factor; Jacobi-preconditioned)."""
         right = {name: value for name, value in vector.items() if name != "mean"}
         diagonal = self.covariance_fisher_diagonal()
         total = sum(jnp.sum(value) for value in diagonal.values())
         count = sum(value.size for value in diagonal.values())
         damping = damping * total / count
-        if self.factor is None or not exact:
-            return {
-                name: jnp.where(diagonal[name] > 0, right[name] / (diagonal[name] + damping), 0.0)
-                for name in right
-            }
         preconditioner = {name: 1.0 / (value + damping) for name, value in diagonal.items()}
 
         def matvec(x):
