@@ -11,7 +11,8 @@ compile time reported separately), written as one flat key per figure:
   ``map``, ``chunked``, ``auto``) over ``S`` separate jitted forward passes
   (:mod:`experiments.bench_bma`); ``{model}.bma_auto.choice`` names the automatic choice.
 * ``{model}.sgd.over_torch`` / ``{model}.sam.over_torch``: our SGD and SAM steps over the same
-  steps written in PyTorch (SAM: two forward/backward passes), when ``torch`` is installed.
+  steps written in PyTorch (SAM: two forward/backward passes), when ``torch`` is installed;
+  the four runs are timed round-robin within each repeat (:func:`torch_comparison`).
 * ``{model}.sgd.scan_over_top_level``: a step inside the scanned epoch loop over the same step
   jitted on its own and called from Python (the XLA:CPU loop-body effect on convolutions);
   with ``--conv_comparison`` also ``{model}.sgd_lax_conv.*`` for plain ``lax`` convolutions.
@@ -234,25 +235,10 @@ def _torch_module(name: str, spec: dict[str, Any]):
     return ResNet()
 
 
-def torch_steps(
-    name: str, spec: dict[str, Any], steps: int, repeats: int, threads: int | None = None
-) -> dict[str, float]:
-    """Seconds per SGD step and per SAM step (two forward/backward passes) in PyTorch.
-
-    Same model, batch, momentum SGD and weight decay (the Gaussian prior of our loss) as the
-    JAX runs; NCHW float32 on the CPU with PyTorch's default threads.
-
-    Args:
-      name: ``"mlp"``, ``"lenet"`` or ``"resnet20"``.
-      spec: the model's entry of the suite's model specifications.
-      steps: steps per timed repetition.
-      repeats: timed repetitions (median reported).
-      threads: ``torch.set_num_threads`` value (``None``: PyTorch's default). On a loaded
-        machine PyTorch's OpenMP threads can be much slower than one thread.
-
-    Returns:
-      ``sgd_step_seconds`` and ``sam_step_seconds``.
-    """
+def _torch_step_functions(
+    name: str, spec: dict[str, Any], threads: int | None = None
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """PyTorch SGD and SAM step functions (module, batch and optimizer bound in closures)."""
     import torch
     from torch.nn import functional
 
@@ -290,6 +276,30 @@ def torch_steps(
                 p.sub_(offset)
         optimizer.step()
 
+    return sgd_step, sam_step
+
+
+def torch_steps(
+    name: str, spec: dict[str, Any], steps: int, repeats: int, threads: int | None = None
+) -> dict[str, float]:
+    """Seconds per SGD step and per SAM step (two forward/backward passes) in PyTorch.
+
+    Same model, batch, momentum SGD and weight decay (the Gaussian prior of our loss) as the
+    JAX runs; NCHW float32 on the CPU with PyTorch's default threads.
+
+    Args:
+      name: ``"mlp"``, ``"lenet"`` or ``"resnet20"``.
+      spec: the model's entry of the suite's model specifications.
+      steps: steps per timed repetition.
+      repeats: timed repetitions (median reported).
+      threads: ``torch.set_num_threads`` value (``None``: PyTorch's default). On a loaded
+        machine PyTorch's OpenMP threads can be much slower than one thread.
+
+    Returns:
+      ``sgd_step_seconds`` and ``sam_step_seconds``.
+    """
+    sgd_step, sam_step = _torch_step_functions(name, spec, threads)
+
     def timed(step):
         step()
         times = []
@@ -301,6 +311,67 @@ def torch_steps(
         return statistics.median(times)
 
     return {"sgd_step_seconds": timed(sgd_step), "sam_step_seconds": timed(sam_step)}
+
+
+def torch_comparison(
+    name: str, spec: dict[str, Any], steps: int, repeats: int, threads: int | None = None
+) -> dict[str, float]:
+    """Our SGD and SAM steps against the same steps in PyTorch, timed round-robin.
+
+    Our steps are the suite's scanned point-family steps (momentum SGD, and
+    ``transforms.sam`` chained with it); PyTorch's are :func:`torch_steps`'s. In every repeat
+    the four runs (ours SGD, PyTorch SGD, ours SAM, PyTorch SAM) are timed in turn, so a load
+    burst on a shared machine hits both sides of each ratio rather than one.
+
+    Args:
+      name: ``"mlp"``, ``"lenet"`` or ``"resnet20"``.
+      spec: the model's entry of the suite's model specifications.
+      steps: steps per timed call.
+      repeats: timed rounds (medians reported).
+      threads: PyTorch intra-op threads (``None``: its default).
+
+    Returns:
+      ``{sgd,sam}.step_seconds`` (ours), ``torch.{sgd,sam}_step_seconds`` and
+      ``{sgd,sam}.over_torch``.
+    """
+    torch_sgd, torch_sam = _torch_step_functions(name, spec, threads)
+    loss_fn, params, model_state, batch = _problem(name, spec)
+    keys = jax.random.split(jax.random.key(3), steps)
+    transforms = {
+        "sgd": optax.sgd(_LEARNING_RATE, momentum=0.9),
+        "sam": bench_transforms._transforms(_NUM_DATA)["sam"],
+    }
+    runs: dict[str, Callable[[], Any]] = {}
+    for label, transform in transforms.items():
+        family = point.build(loss_fn, transform)
+        state = family.init(params, model_state)
+
+        def scanned(state, keys, family=family):
+            return jax.lax.scan(lambda s, k: (family.update(k, s, batch)[0], None), state, keys)[0]
+
+        program = jax.jit(scanned).lower(state, keys).compile()
+        runs[f"ours.{label}"] = functools.partial(program, state, keys)
+
+        def torch_run(step=torch_sgd if label == "sgd" else torch_sam):
+            for _ in range(steps):
+                step()
+
+        runs[f"torch.{label}"] = torch_run
+    for run in runs.values():
+        jax.block_until_ready(run())
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(run())
+            times[label].append((time.perf_counter() - begin) / steps)
+    median = {label: statistics.median(values) for label, values in times.items()}
+    result = {}
+    for label in transforms:
+        result[f"{label}.step_seconds"] = median[f"ours.{label}"]
+        result[f"torch.{label}_step_seconds"] = median[f"torch.{label}"]
+        result[f"{label}.over_torch"] = median[f"ours.{label}"] / median[f"torch.{label}"]
+    return result
 
 
 _SCALING_SCRIPT = """
@@ -469,18 +540,16 @@ def run_suite(
                 flat[f"{name}.bma_{key}"] = value
         log(f"{name}: BMA auto ({bma['auto_choice']}) / ideal {bma['auto_over_ideal']:.2f}")
         if use_torch and _torch_available():
-            torch_result = torch_steps(name, spec, steps, repeats, torch_threads)
-            flat[f"{name}.torch.sgd_step_seconds"] = torch_result["sgd_step_seconds"]
-            flat[f"{name}.torch.sam_step_seconds"] = torch_result["sam_step_seconds"]
-            flat[f"{name}.sgd.over_torch"] = (
-                steps_result["sgd.step_seconds"] / torch_result["sgd_step_seconds"]
-            )
-            flat[f"{name}.sam.over_torch"] = (
-                steps_result["sam.step_seconds"] / torch_result["sam_step_seconds"]
-            )
+            compared = torch_comparison(name, spec, steps, max(repeats, 5), torch_threads)
+            for label in ("sgd", "sam"):
+                flat[f"{name}.torch.{label}_step_seconds"] = compared[f"torch.{label}_step_seconds"]
+                flat[f"{name}.{label}.over_torch"] = compared[f"{label}.over_torch"]
+                flat[f"{name}.{label}.torch_run_step_seconds"] = compared[f"{label}.step_seconds"]
             log(
-                f"{name}: / torch: sgd {flat[f'{name}.sgd.over_torch']:.2f}, "
-                f"sam {flat[f'{name}.sam.over_torch']:.2f}"
+                f"{name}: / torch (timed round-robin): sgd {flat[f'{name}.sgd.over_torch']:.2f} "
+                f"({1e3 * compared['sgd.step_seconds']:.1f} vs "
+                f"{1e3 * compared['torch.sgd_step_seconds']:.1f} ms), sam "
+                f"{flat[f'{name}.sam.over_torch']:.2f}"
             )
     if run_scaling:
         scaled = {n: specs[n] for n in model_names if n in ("mlp", "lenet")}
