@@ -313,6 +313,9 @@ def torch_steps(
     return {"sgd_step_seconds": timed(sgd_step), "sam_step_seconds": timed(sam_step)}
 
 
+_MIN_BLOCK_SECONDS = 0.3
+
+
 def torch_comparison(
     name: str, spec: dict[str, Any], steps: int, repeats: int, threads: int | None = None
 ) -> dict[str, float]:
@@ -321,7 +324,10 @@ def torch_comparison(
     Our steps are the suite's scanned point-family steps (momentum SGD, and
     ``transforms.sam`` chained with it); PyTorch's are :func:`torch_steps`'s. In every repeat
     the four runs (ours SGD, PyTorch SGD, ours SAM, PyTorch SAM) are timed in turn, so a load
-    burst on a shared machine hits both sides of each ratio rather than one.
+    burst on a shared machine hits both sides of each ratio rather than one. Each turn is a
+    block of at least ``_MIN_BLOCK_SECONDS`` after one untimed call: right after the other
+    library ran, its thread pool is still winding down (measured: the MLP step 4.7 ms alone,
+    5.6-8 ms when timed straight after a PyTorch step).
 
     Args:
       name: ``"mlp"``, ``"lenet"`` or ``"resnet20"``.
@@ -346,25 +352,31 @@ def torch_comparison(
         family = point.build(loss_fn, transform)
         state = family.init(params, model_state)
 
-        def scanned(state, keys, family=family):
+        def scanned(state, batch, keys, family=family):
             return jax.lax.scan(lambda s, k: (family.update(k, s, batch)[0], None), state, keys)[0]
 
-        program = jax.jit(scanned).lower(state, keys).compile()
-        runs[f"ours.{label}"] = functools.partial(program, state, keys)
+        program = jax.jit(scanned).lower(state, batch, keys).compile()
+        runs[f"ours.{label}"] = functools.partial(program, state, batch, keys)
 
         def torch_run(step=torch_sgd if label == "sgd" else torch_sam):
             for _ in range(steps):
                 step()
 
         runs[f"torch.{label}"] = torch_run
-    for run in runs.values():
+    calls = {}
+    for label, run in runs.items():
         jax.block_until_ready(run())
+        begin = time.perf_counter()
+        jax.block_until_ready(run())
+        calls[label] = max(1, math.ceil(_MIN_BLOCK_SECONDS / (time.perf_counter() - begin)))
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
+            jax.block_until_ready(run())  # untimed: the other library's threads wind down
             begin = time.perf_counter()
-            jax.block_until_ready(run())
-            times[label].append((time.perf_counter() - begin) / steps)
+            for _ in range(calls[label]):
+                jax.block_until_ready(run())
+            times[label].append((time.perf_counter() - begin) / (steps * calls[label]))
     median = {label: statistics.median(values) for label, values in times.items()}
     result = {}
     for label in transforms:
