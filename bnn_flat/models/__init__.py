@@ -19,7 +19,7 @@ Example:
   (4, 10)
 """
 
-from bnn_flat.models import conv, pooling, pretrained
+from bnn_flat.models import conv, norm, pooling, pretrained
 from bnn_flat.models.bridge import has_conv, init, init_ensemble, make_apply, num_params
 from bnn_flat.models.lenet import LeNet, lenet
 from bnn_flat.models.mlp import MLP, mlp
@@ -43,6 +43,7 @@ __all__ = [
     "vit_b16",
     "pretrained",
     "conv",
+    "norm",
     "pooling",
     "init",
     "make_apply",

@@ -18,7 +18,8 @@ reference implementations do; they have no bias unless ``norm="none"``.
 Normalisation options:
 
 * ``"batch"``: BatchNorm (momentum 0.9, epsilon 1e-5), batch statistics in training mode,
-  running statistics (collection ``"batch_stats"``) in evaluation mode.
+  running statistics (collection ``"batch_stats"``) in evaluation mode;
+  :class:`bnn_flat.models.norm.BatchNorm`, with the parameters and values of Flax's.
 * ``"group"``: GroupNorm with ``gcd(num_groups, channels)`` groups; no running statistics.
 * ``"layer"``: LayerNorm over height, width and channels of each example, with a per-channel
   scale and bias; no running statistics.
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from bnn_flat.models.conv import Conv
+from bnn_flat.models.norm import BatchNorm
 
 __all__ = ["ResNet", "ResNet20", "resnet20"]
 
@@ -306,7 +308,7 @@ def _conv3x3(
 
 def _normalize(norm: str, num_groups: int, train: bool, name: str, x: jax.Array) -> jax.Array:
     if norm == "batch":
-        return nn.BatchNorm(
+        return BatchNorm(
             use_running_average=not train,
             momentum=_BATCH_NORM_MOMENTUM,
             epsilon=_EPSILON,
