@@ -1,5 +1,7 @@
 """Widened-layout BatchNorm: Flax's parameters, values, statistics and derivatives; bad input."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -156,6 +158,19 @@ def test_widened_reductions_in_the_compiled_program():
     )
     # the statistics reduce a (2048, 512) view, not the (64, 32, 32, 16) activation
     assert "tensor<2048x512xf32>" in text
+
+    # forward and gradient: two row reductions of the activation each (the statistics;
+    # sum(g) and sum(g * x_hat)); differentiating Flax's formula gives five in all
+    def loss(params, inputs):
+        out, _ = module.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            inputs,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(out**2)
+
+    gradient = jax.jit(jax.grad(loss, (0, 1))).lower(variables["params"], x).as_text()
+    assert len(re.findall(r"stablehlo\.reduce\(.*tensor<2048x512xf32>", gradient)) == 4
     assert norm._widening(64 * 32 * 32, 16) == 32
     assert norm._widening(6, 16) == 2  # only powers of two dividing the row count
     assert norm._widening(7, 16) == 1

@@ -6,23 +6,32 @@ running statistics (``batch_stats``: ``mean``, ``var``), the same update rule an
 values up to float32 summation order.
 
 Why: XLA:CPU reduces an ``(N, H, W, C)`` activation over its first three axes with a
-``reduce-window`` whose rows are only ``C`` floats (16 in ResNet-20's first stage). A ResNet-20
-training step (batch 64) spent about 74 ms in such reductions: the two statistics of each
-forward normalisation and the reductions that the gradients of ``scale``, ``bias``, ``mean``
-and ``var`` become. On the CPU the normalisation here runs on a *widened* two-dimensional view
-of the activation, ``(rows / k, k * C)`` with ``k * C`` up to :data:`WIDE_ROW_FLOATS` floats
-(a free reshape of the contiguous array). Per-channel vectors are tiled ``k`` times, so the
-element-wise arithmetic is unchanged, and every reduction, including those automatic
-differentiation creates, runs down long contiguous rows; the ``k`` partial sums of a channel
-are added at the end. One 16-channel ``64 x 32 x 32`` normalisation, forward and backward:
-5.1 ms instead of 8.6 ms in isolation.
+``reduce-window`` whose rows are only ``C`` floats (16 in ResNet-20's first stage), and it
+stores every product it reduces (``x^2``, ``g * x``, ...) before reducing it. A ResNet-20
+training step (batch 64) spent about 74 ms of its traced operation time in these reductions.
+Two changes:
+
+* On the CPU the normalisation runs on a *widened* two-dimensional view of the activation,
+  ``(rows / k, k * C)`` with ``k * C`` up to :data:`WIDE_ROW_FLOATS` floats (a free reshape of
+  the contiguous array). Per-channel vectors are tiled ``k`` times, so the element-wise
+  arithmetic is unchanged, and every reduction runs down long contiguous rows; the ``k``
+  partial sums of a channel are added at the end.
+* The training-mode normalisation has a custom JVP that applies every per-channel factor
+  after its reduction, so that the gradient needs two row reductions (``sum(g)`` and
+  ``sum(g * x_hat)``, shared by the input, scale and bias gradients) instead of the five,
+  each of a separately stored product, that differentiating the forward formula gives.
+  Forward mode, Hessian-vector products and ``vmap`` work as usual.
+
+Traced operation time of the ResNet-20 step: 230 ms with Flax's BatchNorm, 219 ms widened,
+203 ms widened with the custom JVP (reductions 74 -> 23 ms, stored products ~50 -> 26 ms).
 
 ``implementation="auto"`` widens on the CPU only; GPU and TPU compilers handle the plain layout
-well, and ``"plain"`` keeps Flax's form everywhere.
+well, and ``"plain"`` keeps the unwidened ``(rows, C)`` layout everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -136,23 +145,75 @@ class BatchNorm(nn.Module):
         k = _widening(rows, features) if wide and rows > 0 else 1
         view = x.reshape(rows // k, k * features)
 
-        if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
+        if not use_running_average:
             promoted = view.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-            def channel_mean(values: jax.Array) -> jax.Array:
-                return jnp.sum(jnp.sum(values, axis=0).reshape(k, features), axis=0) / rows
-
-            mean = channel_mean(promoted)
-            var = jnp.maximum(0.0, channel_mean(lax.square(promoted)) - lax.square(mean))
+            ones = jnp.ones((features,), promoted.dtype)
+            y, mean, var = _normalize_batch(
+                k,
+                self.epsilon,
+                promoted,
+                ones if scale is None else scale.astype(promoted.dtype),
+                ones * 0 if bias is None else bias.astype(promoted.dtype),
+            )
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        multiplier = lax.rsqrt(var + self.epsilon)
+            return jnp.asarray(y, out_dtype).reshape(x.shape)
+        multiplier = lax.rsqrt(ra_var.value + self.epsilon)
         if scale is not None:
             multiplier = multiplier * scale
-        y = (view - jnp.tile(mean, k)) * jnp.tile(multiplier, k)
+        y = (view - jnp.tile(ra_mean.value, k)) * jnp.tile(multiplier, k)
         if bias is not None:
             y = y + jnp.tile(bias, k)
         return jnp.asarray(y, out_dtype).reshape(x.shape)
+
+
+def _channel_sum(k: int, values: jax.Array) -> jax.Array:
+    """Per-channel sums of a widened ``(rows, k * C)`` view: down the rows, then over ``k``."""
+    return jnp.sum(jnp.sum(values, axis=0).reshape(k, -1), axis=0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _normalize_batch(
+    k: int, epsilon: float, view: jax.Array, scale: jax.Array, bias: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(y, mean, var)`` of training-mode BatchNorm on a widened view."""
+    y, mean, var, _, _ = _normalize_batch_parts(k, epsilon, view, scale, bias)
+    return y, mean, var
+
+
+def _normalize_batch_parts(k, epsilon, view, scale, bias):
+    count = view.size // scale.shape[0]
+    mean = _channel_sum(k, view) / count
+    var = jnp.maximum(0.0, _channel_sum(k, lax.square(view)) / count - lax.square(mean))
+    inverse_std = lax.rsqrt(var + epsilon)
+    normalized = (view - jnp.tile(mean, k)) * jnp.tile(inverse_std, k)
+    y = normalized * jnp.tile(scale, k) + jnp.tile(bias, k)
+    return y, mean, var, normalized, inverse_std
+
+
+@_normalize_batch.defjvp
+def _normalize_batch_jvp(k, epsilon, primals, tangents):
+    """The tangent with every per-channel factor applied after its reduction.
+
+    ``y' = r s (v' - E[v'] - x E[x v']) + x s' + b'`` with ``x`` the normalised input and
+    ``r = 1 / std``, grouped as ``tile(r s) v' + x tile(s' - r s E[x v']) + tile(b' - r s E[v'])``.
+    Its transpose (the gradient) then needs two row reductions, ``sum(g)`` and ``sum(g x)``,
+    shared by the input, scale and bias gradients; differentiating the forward formula
+    directly gives five, each of a separately stored product.
+    """
+    view, scale, bias = primals
+    view_dot, scale_dot, bias_dot = tangents
+    y, mean, var, normalized, inverse_std = _normalize_batch_parts(k, epsilon, view, scale, bias)
+    count = view.size // scale.shape[0]
+    mean_dot = _channel_sum(k, view_dot) / count  # E[v']
+    spread_dot = _channel_sum(k, view_dot * normalized) / count  # E[x v']
+    gain = inverse_std * scale
+    y_dot = (
+        jnp.tile(gain, k) * view_dot
+        + normalized * jnp.tile(scale_dot - gain * spread_dot, k)
+        + jnp.tile(bias_dot - gain * mean_dot, k)
+    )
+    # var = E[(v - m)^2]: var' = 2 E[(v - m) v'] = 2 std E[x v'] (0 where var is clipped)
+    var_dot = jnp.where(var > 0, 2.0 * spread_dot / inverse_std, 0.0)
+    return (y, mean, var), (y_dot, mean_dot, var_dot)
