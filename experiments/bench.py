@@ -325,9 +325,9 @@ def torch_comparison(
     ``transforms.sam`` chained with it); PyTorch's are :func:`torch_steps`'s. In every repeat
     the four runs (ours SGD, PyTorch SGD, ours SAM, PyTorch SAM) are timed in turn, so a load
     burst on a shared machine hits both sides of each ratio rather than one. Each turn is a
-    block of at least ``_MIN_BLOCK_SECONDS`` after one untimed call: right after the other
-    library ran, its thread pool is still winding down (measured: the MLP step 4.7 ms alone,
-    5.6-8 ms when timed straight after a PyTorch step).
+    block of at least ``_MIN_BLOCK_SECONDS``, after one untimed call for short steps: right
+    after the other library ran, its thread pool is still winding down (measured: the MLP step
+    4.7 ms alone, 5.6-8 ms when timed straight after a PyTorch step).
 
     Args:
       name: ``"mlp"``, ``"lenet"`` or ``"resnet20"``.
@@ -364,15 +364,15 @@ def torch_comparison(
 
         runs[f"torch.{label}"] = torch_run
     calls = {}
-    for label, run in runs.items():
-        jax.block_until_ready(run())
+    for label, run in runs.items():  # warm-up, and the number of calls per timed block
         begin = time.perf_counter()
         jax.block_until_ready(run())
         calls[label] = max(1, math.ceil(_MIN_BLOCK_SECONDS / (time.perf_counter() - begin)))
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
-            jax.block_until_ready(run())  # untimed: the other library's threads wind down
+            if calls[label] > 1:  # untimed: the other library's threads wind down
+                jax.block_until_ready(run())
             begin = time.perf_counter()
             for _ in range(calls[label]):
                 jax.block_until_ready(run())
@@ -552,7 +552,7 @@ def run_suite(
                 flat[f"{name}.bma_{key}"] = value
         log(f"{name}: BMA auto ({bma['auto_choice']}) / ideal {bma['auto_over_ideal']:.2f}")
         if use_torch and _torch_available():
-            compared = torch_comparison(name, spec, steps, max(repeats, 5), torch_threads)
+            compared = torch_comparison(name, spec, steps, max(repeats, 3), torch_threads)
             for label in ("sgd", "sam"):
                 flat[f"{name}.torch.{label}_step_seconds"] = compared[f"torch.{label}_step_seconds"]
                 flat[f"{name}.{label}.over_torch"] = compared[f"{label}.over_torch"]
