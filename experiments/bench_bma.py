@@ -1,8 +1,8 @@
 """BMA strategies side by side: which one should ``strategy="auto"`` pick on this backend?
 
-For each model, times (medians of warm runs, compile excluded) the BMA over ``S`` stacked
-samples with every strategy, and ``S`` separate calls of a jitted single forward pass (the
-"ideal": what a user's Python loop would cost). Prints ratios to the ideal and the strategy
+For each model, times (medians of warm runs timed round-robin, compile excluded) the BMA over
+``S`` stacked samples with every strategy, and ``S`` separate calls of a jitted single forward
+pass (the "ideal": what a user's Python loop would cost). Prints ratios to the ideal and the strategy
 ``auto`` resolves to.
 
 Run:
@@ -27,14 +27,22 @@ _MODELS = {
 }
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
+def _round_robin_medians(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per run, the runs timed in turn in every repeat (compile excluded).
+
+    On a shared machine, timing each run in its own block puts a load burst on one side of a
+    ratio; in turn, the bursts spread over all runs (the MLP's auto/ideal ratio moved between
+    0.5 and 1.2 across back-to-back blocks, with auto and map the same program).
+    """
+    for fn in runs.values():
+        jax.block_until_ready(fn())  # compile and warm up
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        begin = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - begin)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_model(
@@ -56,16 +64,19 @@ def bench_model(
     def ideal():
         return [single(s, inputs) for s in unstacked]
 
-    result = {"ideal_seconds": _median_seconds(ideal, repeats)}
+    runs = {"ideal": ideal}
     for strategy, chunk in (("vmap", None), ("map", None), ("chunked", 4), ("auto", None)):
         fn = jax.jit(
             lambda s, x, strategy=strategy, chunk=chunk: bma.predict(
                 predict_fn, s, x, strategy=strategy, chunk_size=chunk
             )
         )
-        seconds = _median_seconds(lambda fn=fn: fn(samples, inputs), repeats)
-        result[f"{strategy}_seconds"] = seconds
-        result[f"{strategy}_over_ideal"] = seconds / result["ideal_seconds"]
+        runs[strategy] = lambda fn=fn: fn(samples, inputs)
+    seconds = _round_robin_medians(runs, repeats)
+    result = {"ideal_seconds": seconds["ideal"]}
+    for strategy in ("vmap", "map", "chunked", "auto"):
+        result[f"{strategy}_seconds"] = seconds[strategy]
+        result[f"{strategy}_over_ideal"] = seconds[strategy] / seconds["ideal"]
     result["auto_choice"] = bma.choose_strategy(samples)
     return result
 
