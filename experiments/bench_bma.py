@@ -2,8 +2,8 @@
 
 For each model, times (medians of warm runs timed round-robin, compile excluded) the BMA over
 ``S`` stacked samples with every strategy, and ``S`` separate calls of a jitted single forward
-pass (the "ideal": what a user's Python loop would cost). Prints ratios to the ideal and the strategy
-``auto`` resolves to.
+pass (the "ideal": what a user's Python loop would cost). Prints ratios to the ideal and the
+strategy ``auto`` resolves to.
 
 Run:
   python -m experiments.bench_bma --num_samples=16 --repeats=5 [--json=OUT.json]
