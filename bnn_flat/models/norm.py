@@ -153,7 +153,7 @@ class BatchNorm(nn.Module):
                 self.epsilon,
                 promoted,
                 ones if scale is None else scale.astype(promoted.dtype),
-                ones * 0 if bias is None else bias.astype(promoted.dtype),
+                jnp.zeros_like(ones) if bias is None else bias.astype(promoted.dtype),
             )
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
