@@ -279,40 +279,6 @@ def _torch_step_functions(
     return sgd_step, sam_step
 
 
-def torch_steps(
-    name: str, spec: dict[str, Any], steps: int, repeats: int, threads: int | None = None
-) -> dict[str, float]:
-    """Seconds per SGD step and per SAM step (two forward/backward passes) in PyTorch.
-
-    Same model, batch, momentum SGD and weight decay (the Gaussian prior of our loss) as the
-    JAX runs; NCHW float32 on the CPU with PyTorch's default threads.
-
-    Args:
-      name: ``"mlp"``, ``"lenet"`` or ``"resnet20"``.
-      spec: the model's entry of the suite's model specifications.
-      steps: steps per timed repetition.
-      repeats: timed repetitions (median reported).
-      threads: ``torch.set_num_threads`` value (``None``: PyTorch's default). On a loaded
-        machine PyTorch's OpenMP threads can be much slower than one thread.
-
-    Returns:
-      ``sgd_step_seconds`` and ``sam_step_seconds``.
-    """
-    sgd_step, sam_step = _torch_step_functions(name, spec, threads)
-
-    def timed(step):
-        step()
-        times = []
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times.append((time.perf_counter() - begin) / steps)
-        return statistics.median(times)
-
-    return {"sgd_step_seconds": timed(sgd_step), "sam_step_seconds": timed(sam_step)}
-
-
 _MIN_BLOCK_SECONDS = 0.3
 
 
@@ -322,7 +288,8 @@ def torch_comparison(
     """Our SGD and SAM steps against the same steps in PyTorch, timed round-robin.
 
     Our steps are the suite's scanned point-family steps (momentum SGD, and
-    ``transforms.sam`` chained with it); PyTorch's are :func:`torch_steps`'s. In every repeat
+    ``transforms.sam`` chained with it); PyTorch's use the same model, batch, momentum SGD and
+    weight decay (NCHW float32), SAM as two forward/backward passes. In every repeat
     the four runs (ours SGD, PyTorch SGD, ours SAM, PyTorch SAM) are timed in turn, so a load
     burst on a shared machine hits both sides of each ratio rather than one. Each turn is a
     block of at least ``_MIN_BLOCK_SECONDS``, after one untimed call for short steps: right

@@ -27,7 +27,7 @@ _MODELS = {
 }
 
 
-def _round_robin_medians(runs: dict, repeats: int) -> dict[str, float]:
+def round_robin_medians(runs: dict, repeats: int) -> dict[str, float]:
     """Median seconds per run, the runs timed in turn in every repeat (compile excluded).
 
     On a shared machine, timing each run in its own block puts a load burst on one side of a
@@ -72,7 +72,7 @@ def bench_model(
             )
         )
         runs[strategy] = lambda fn=fn: fn(samples, inputs)
-    seconds = _round_robin_medians(runs, repeats)
+    seconds = round_robin_medians(runs, repeats)
     result = {"ideal_seconds": seconds["ideal"]}
     for strategy in ("vmap", "map", "chunked", "auto"):
         result[f"{strategy}_seconds"] = seconds[strategy]

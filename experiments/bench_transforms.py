@@ -21,8 +21,8 @@ Run:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import time
 
 import jax
@@ -31,6 +31,7 @@ import optax
 
 from bnn_flat import models, objectives, transforms
 from bnn_flat.posteriors import point
+from experiments import bench_bma
 
 _MODELS = {
     "mlp": (lambda: models.mlp([256, 256], num_outputs=10), (28, 28, 1), 128),
@@ -64,19 +65,14 @@ def _timed_interleaved(runs: dict, repeats: int) -> dict[str, tuple[float, float
     shared machine over every run, so ratios between runs are much steadier than those of
     back-to-back blocks.
     """
-    compiled, compile_seconds = {}, {}
+    calls, compile_seconds = {}, {}
     for name, (fn, args) in runs.items():
         begin = time.perf_counter()
-        compiled[name] = jax.jit(fn).lower(*args).compile()
+        compiled = jax.jit(fn).lower(*args).compile()
         compile_seconds[name] = time.perf_counter() - begin
-        jax.block_until_ready(compiled[name](*args))
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (_, args) in runs.items():
-            begin = time.perf_counter()
-            jax.block_until_ready(compiled[name](*args))
-            times[name].append(time.perf_counter() - begin)
-    return {name: (statistics.median(times[name]), compile_seconds[name]) for name in runs}
+        calls[name] = functools.partial(compiled, *args)
+    seconds = bench_bma.round_robin_medians(calls, repeats)
+    return {name: (seconds[name], compile_seconds[name]) for name in runs}
 
 
 def bench_model(name: str, steps: int, repeats: int, only=None, spec=None) -> dict[str, float]:
