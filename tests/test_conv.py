@@ -1,5 +1,8 @@
 """Loop-friendly convolutions: equal to lax's forward and all derivatives; model defaults."""
 
+import platform
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bnn_flat import models
+from bnn_flat import _native, models
 from bnn_flat.models import conv
 
 _CHANNELS_LAST = ("NHWC", "HWIO", "NHWC")
@@ -33,7 +36,7 @@ def _lax(x, w, strides, padding, lhs_dilation, rhs_dilation):
     )
 
 
-def _ours(x, w, strides, padding, lhs_dilation, rhs_dilation):
+def _ours(x, w, strides, padding, lhs_dilation, rhs_dilation, implementation="canonical"):
     return conv.conv_general_dilated(
         x,
         w,
@@ -42,8 +45,23 @@ def _ours(x, w, strides, padding, lhs_dilation, rhs_dilation):
         lhs_dilation,
         rhs_dilation,
         dimension_numbers=_CHANNELS_LAST,
-        implementation="canonical",
+        implementation=implementation,
     )
+
+
+def _onednn(x, w, strides, padding, lhs_dilation, rhs_dilation):
+    return _ours(x, w, strides, padding, lhs_dilation, rhs_dilation, implementation="onednn")
+
+
+_NATIVE_PLATFORM = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+_IMPLEMENTATIONS = [
+    pytest.param(_ours, id="canonical"),
+    pytest.param(
+        _onednn,
+        id="onednn",
+        marks=pytest.mark.skipif(not _NATIVE_PLATFORM, reason="oneDNN wheels: Linux x86-64"),
+    ),
+]
 
 
 def _data(x_shape, w_shape):
@@ -68,11 +86,12 @@ def _derivatives(fn, config, w, x):
     return jax.jit(everything)(w, x)
 
 
+@pytest.mark.parametrize("ours", _IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", _CASES)
-def test_forward_and_derivatives_equal_lax(case):
+def test_forward_and_derivatives_equal_lax(case, ours):
     x_shape, w_shape, *config = case
     x, w = _data(x_shape, w_shape)
-    got = _derivatives(_ours, config, w, x)
+    got = _derivatives(ours, config, w, x)
     want = _derivatives(_lax, config, w, x)
     names = ("forward", "grads", "jvp", "hvp", "second order")
     for name, a, b in zip(names, got, want, strict=True):
@@ -87,7 +106,8 @@ def test_forward_and_derivatives_equal_lax(case):
         )
 
 
-def test_gradients_match_inside_scan_and_vmap():
+@pytest.mark.parametrize("ours", _IMPLEMENTATIONS)
+def test_gradients_match_inside_scan_and_vmap(ours):
     x, w = _data((2, 6, 6, 3), (3, 3, 3, 4))
     config = ((2, 2), ((1, 1), (1, 1)), None, None)
 
@@ -98,12 +118,12 @@ def test_gradients_match_inside_scan_and_vmap():
 
         return jax.jit(lambda k: jax.lax.scan(body, k, jnp.stack([x, 2 * x, -x]))[0])(w)
 
-    np.testing.assert_allclose(epoch(_ours), epoch(_lax), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(epoch(ours), epoch(_lax), rtol=1e-5, atol=1e-6)
     stacked = jnp.stack([w, 2 * w])
     per_kernel = lambda fn: jax.vmap(  # noqa: E731
         jax.grad(lambda k: jnp.sum(jnp.sin(fn(x, k, *config))))
     )(stacked)
-    np.testing.assert_allclose(per_kernel(_ours), per_kernel(_lax), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(per_kernel(ours), per_kernel(_lax), rtol=1e-5, atol=1e-5)
 
 
 def _compiled_convolutions(fn, x, w):
@@ -175,9 +195,13 @@ def test_fallbacks_and_option_validation():
     )
     np.testing.assert_allclose(grouped, want, rtol=1e-6)
     assert conv.resolve_implementation("canonical") == "canonical"
-    assert conv.resolve_implementation("auto") == (
-        "canonical" if jax.default_backend() == "cpu" else "lax"
-    )
+    if jax.default_backend() != "cpu":
+        assert conv.resolve_implementation("auto") == "lax"
+    elif _NATIVE_PLATFORM and jax.device_count() == 1:
+        # the oneDNN kernel is a dependency on this platform: it must build and load
+        assert conv.resolve_implementation("auto") == "onednn", _native.status()
+    else:
+        assert conv.resolve_implementation("auto") == "canonical"
     with pytest.raises(ValueError, match="implementation"):
         conv.resolve_implementation("fast")
     with pytest.raises(ValueError, match="implementation"):

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bnn_flat import _native
 from bnn_flat._fusion import fence
 
 __all__ = [
@@ -56,35 +57,52 @@ __all__ = [
     "resolve_implementation",
 ]
 
-IMPLEMENTATIONS = ("auto", "canonical", "lax")
+IMPLEMENTATIONS = ("auto", "onednn", "canonical", "lax")
 """Accepted ``implementation`` strings.
 
-``"canonical"``: the custom-JVP form (fast gradients inside loops on XLA:CPU);
-``"lax"``: plain :func:`jax.lax.conv_general_dilated`; ``"auto"``: ``"canonical"`` when the
-default backend is the CPU, ``"lax"`` otherwise.
+``"onednn"``: 2-D float32 convolutions (and their gradients) run by oneDNN's JIT kernels
+through an XLA custom call (:mod:`bnn_flat._native`; other convolutions take the
+``"canonical"`` form); ``"canonical"``: the custom-JVP form (fast gradients inside loops on
+XLA:CPU); ``"lax"``: plain :func:`jax.lax.conv_general_dilated`; ``"auto"``: ``"onednn"`` on
+a single CPU device when the native kernel is available, ``"canonical"`` on other CPU setups,
+``"lax"`` on GPU/TPU.
 """
 
 
 def resolve_implementation(implementation: str) -> str:
-    """The concrete implementation (``"canonical"`` or ``"lax"``) that a name stands for.
+    """The concrete implementation (``"onednn"``, ``"canonical"`` or ``"lax"``) a name stands for.
+
+    ``"auto"`` picks ``"onednn"`` only when the default backend is a single CPU device: XLA's
+    SPMD partitioner cannot split a custom call, so sharded (multi-device) programs keep the
+    ``"canonical"`` XLA convolutions, which it partitions along the batch.
 
     Args:
       implementation: one of :data:`IMPLEMENTATIONS`.
 
     Returns:
-      ``"canonical"`` or ``"lax"``; ``"auto"`` resolves by ``jax.default_backend()``.
+      ``"onednn"``, ``"canonical"`` or ``"lax"``.
+
+    Raises:
+      ValueError: for an unknown name.
+      RuntimeError: for ``"onednn"`` when the native kernel is unavailable (the message says
+        why, e.g. no compiler or no oneDNN wheel).
 
     Example:
       >>> resolve_implementation("lax")
       'lax'
-      >>> resolve_implementation("auto") == ("canonical" if jax.default_backend() == "cpu"
-      ...                                     else "lax")
+      >>> resolve_implementation("auto") in ("onednn", "canonical", "lax")
       True
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        return "canonical" if jax.default_backend() == "cpu" else "lax"
+        if jax.default_backend() != "cpu":
+            return "lax"
+        if jax.device_count() == 1 and _native.onednn_available():
+            return "onednn"
+        return "canonical"
+    if implementation == "onednn" and not _native.onednn_available():
+        raise RuntimeError(f"implementation='onednn' is unavailable: {_native.status()['reason']}")
     return implementation
 
 
@@ -141,7 +159,7 @@ def conv_general_dilated(
     num_spatial = lhs.ndim - 2
     channels_last = _channels_last_numbers(lhs.ndim) if lhs.ndim >= 3 else None
     usable = (
-        resolved == "canonical"
+        resolved in ("canonical", "onednn")
         and num_spatial >= 1
         and rhs.ndim == lhs.ndim
         and dimension_numbers is not None
@@ -176,6 +194,8 @@ def conv_general_dilated(
         rhs_dilation=rhs_dilation,
         precision=precision,
     )
+    if resolved == "onednn" and _onednn_supports(config, lhs, rhs):
+        return _onednn_conv(config, lhs, rhs)
     if _uses_shifted_sum(config, lhs, rhs):
         return _canonical_conv(config, lhs, rhs)
     in_features, out_features = rhs.shape[-2:]
@@ -190,6 +210,31 @@ def conv_general_dilated(
         [(0, 0)] * (rhs.ndim - 2) + [(0, in_padded - in_features), (0, out_padded - out_features)],
     )
     return _canonical_conv(config, lhs, rhs)[..., :out_features]
+
+
+def _onednn_supports(config: _Config, lhs: jax.Array, rhs: jax.Array) -> bool:
+    return (
+        lhs.ndim == 4
+        and lhs.dtype == jnp.float32
+        and rhs.dtype == jnp.float32
+        and all(d == 1 for d in config.lhs_dilation)
+        and min(lhs.shape) > 0
+        and min(rhs.shape) > 0
+    )
+
+
+def _onednn_conv(config: _Config, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    from bnn_flat._native.conv import conv2d
+
+    padding = config.padding
+    if isinstance(padding, str):
+        dilated = tuple(
+            (k - 1) * d + 1 for k, d in zip(rhs.shape[:2], config.rhs_dilation, strict=True)
+        )
+        padding = lax.padtype_to_pads(lhs.shape[1:3], dilated, config.window_strides, padding)
+    if any(lo < 0 or hi < 0 for lo, hi in padding):  # cropping: oneDNN takes no negative pads
+        return _canonical_conv(config, lhs, rhs)
+    return conv2d(lhs, rhs, config.window_strides, padding, config.rhs_dilation)
 
 
 FEATURE_ALIGNMENT = 8

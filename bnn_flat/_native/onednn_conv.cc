@@ -1,0 +1,211 @@
+// XLA FFI handlers running 2-D channels-last convolutions through oneDNN on the CPU.
+//
+// One handler, three roles of the same trilinear form
+//   T(x, w, g) = sum_{n, p, k, i, o} x[n, p * stride + k * dilation - pad_lo, i] w[k, i, o] g[n, p, o]
+// with x (N, H, W, I) the input, w (KH, KW, I, O) the kernel and g (N, OH, OW, O) the output:
+//   role 0: y = dT/dg from (x, w)   the convolution (oneDNN forward)
+//   role 1: x = dT/dx from (g, w)   its input gradient (oneDNN backward data)
+//   role 2: w = dT/dw from (x, g)   its kernel gradient (oneDNN backward weights)
+// The result buffer's shape fixes the shape of the computed operand. Primitives are built once
+// per (role, shapes, strides, padding, dilation) and kept for the life of the process.
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dims = dnnl::memory::dims;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Entry {
+  dnnl::primitive primitive;
+  // memory descriptors the primitive expects, and whether they differ from the plain layout
+  dnnl::memory::desc a_plain, b_plain, out_plain;
+  dnnl::memory::desc a_want, b_want, out_want;
+  dnnl::memory::desc scratchpad;
+  std::string impl;
+};
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
+
+dims Nchw(ffi::Span<const int64_t> nhwc) { return {nhwc[0], nhwc[3], nhwc[1], nhwc[2]}; }
+dims Oihw(ffi::Span<const int64_t> hwio) { return {hwio[3], hwio[2], hwio[0], hwio[1]}; }
+
+std::shared_ptr<Entry> Build(int64_t role, const dims& x, const dims& w, const dims& y,
+                             const dims& strides, const dims& dilation, const dims& lo,
+                             const dims& hi) {
+  auto& engine = Engine();
+  dnnl::memory::desc x_plain(x, dt::f32, tag::nhwc), w_plain(w, dt::f32, tag::hwio),
+      y_plain(y, dt::f32, tag::nhwc);
+  dnnl::memory::desc x_any(x, dt::f32, tag::any), w_any(w, dt::f32, tag::any),
+      y_any(y, dt::f32, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  // Descriptors with format `any` let oneDNN choose its blocked layouts (nChw8c on AVX2), whose
+  // JIT kernels are 1.4-2x faster than its im2col + GEMM path on the plain channels-last
+  // layout; operands and result are reordered on the way in and out.
+  const auto& xd = x_any;
+  const auto& wd = w_any;
+  const auto& yd = y_any;
+  auto fwd = dnnl::convolution_forward::primitive_desc(
+      engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, xd,
+      wd, yd, strides, dilation, lo, hi, attr);
+  auto entry = std::make_shared<Entry>();
+  if (role == 0) {
+    entry->primitive = dnnl::convolution_forward(fwd);
+    entry->a_plain = x_plain; entry->b_plain = w_plain; entry->out_plain = y_plain;
+    entry->a_want = fwd.src_desc(); entry->b_want = fwd.weights_desc();
+    entry->out_want = fwd.dst_desc(); entry->scratchpad = fwd.scratchpad_desc();
+    entry->impl = fwd.impl_info_str();
+  } else if (role == 1) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        engine, dnnl::algorithm::convolution_direct, xd, wd, yd, strides,
+        dilation, lo, hi, fwd, attr);
+    entry->primitive = dnnl::convolution_backward_data(pd);
+    entry->a_plain = y_plain; entry->b_plain = w_plain; entry->out_plain = x_plain;
+    entry->a_want = pd.diff_dst_desc(); entry->b_want = pd.weights_desc();
+    entry->out_want = pd.diff_src_desc(); entry->scratchpad = pd.scratchpad_desc();
+    entry->impl = pd.impl_info_str();
+  } else {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        engine, dnnl::algorithm::convolution_direct, xd, wd, yd, strides,
+        dilation, lo, hi, fwd, attr);
+    entry->primitive = dnnl::convolution_backward_weights(pd);
+    entry->a_plain = x_plain; entry->b_plain = y_plain; entry->out_plain = w_plain;
+    entry->a_want = pd.src_desc(); entry->b_want = pd.diff_dst_desc();
+    entry->out_want = pd.diff_weights_desc(); entry->scratchpad = pd.scratchpad_desc();
+    entry->impl = pd.impl_info_str();
+  }
+  return entry;
+}
+
+ffi::Error ConvImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                    ffi::ResultBuffer<ffi::F32> out, int64_t role,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
+                    ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 ||
+      out->dimensions().size() != 4 || strides.size() != 2 || dilation.size() != 2 ||
+      pad_lo.size() != 2 || pad_hi.size() != 2 || role < 0 || role > 2) {
+    return ffi::Error::InvalidArgument("bnn_flat oneDNN convolution: expected 2-D NHWC/HWIO");
+  }
+  ffi::Span<const int64_t> xs = role == 1 ? out->dimensions() : a.dimensions();
+  ffi::Span<const int64_t> ws = role == 2 ? out->dimensions() : b.dimensions();
+  ffi::Span<const int64_t> ys = role == 0 ? out->dimensions() : role == 1 ? a.dimensions()
+                                                                            : b.dimensions();
+  dims x = Nchw(xs), w = Oihw(ws), y = Nchw(ys);
+  dims st = {strides[0], strides[1]};
+  dims di = {dilation[0] - 1, dilation[1] - 1};  // oneDNN counts inserted zeros
+  dims lo = {pad_lo[0], pad_lo[1]}, hi = {pad_hi[0], pad_hi[1]};
+  std::ostringstream key;
+  key << role;
+  for (const dims* d : {&x, &w, &y, &st, &di, &lo, &hi})
+    for (auto v : *d) key << ',' << v;
+  std::shared_ptr<Entry> entry;
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto found = cache.find(key.str());
+    if (found != cache.end()) entry = found->second;
+  }
+  if (!entry) {
+    try {
+      entry = Build(role, x, w, y, st, di, lo, hi);
+    } catch (const dnnl::error& e) {
+      return ffi::Error::Internal(std::string("bnn_flat oneDNN convolution: ") + e.what());
+    }
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    cache.emplace(key.str(), entry);
+  }
+  try {
+    auto& engine = Engine();
+    dnnl::stream stream(engine);
+    dnnl::memory a_mem(entry->a_plain, engine, const_cast<float*>(a.typed_data()));
+    dnnl::memory b_mem(entry->b_plain, engine, const_cast<float*>(b.typed_data()));
+    dnnl::memory out_mem(entry->out_plain, engine, out->typed_data());
+    auto reordered = [&](dnnl::memory& plain, const dnnl::memory::desc& want) {
+      if (plain.get_desc() == want) return plain;
+      dnnl::memory m(want, engine);
+      dnnl::reorder(plain, m).execute(stream, plain, m);
+      return m;
+    };
+    dnnl::memory a_use = reordered(a_mem, entry->a_want);
+    dnnl::memory b_use = reordered(b_mem, entry->b_want);
+    dnnl::memory out_use =
+        entry->out_plain == entry->out_want ? out_mem : dnnl::memory(entry->out_want, engine);
+    dnnl::memory scratch(entry->scratchpad, engine);
+    std::unordered_map<int, dnnl::memory> args;
+    if (role == 0) {
+      args = {{DNNL_ARG_SRC, a_use}, {DNNL_ARG_WEIGHTS, b_use}, {DNNL_ARG_DST, out_use}};
+    } else if (role == 1) {
+      args = {{DNNL_ARG_DIFF_DST, a_use}, {DNNL_ARG_WEIGHTS, b_use},
+              {DNNL_ARG_DIFF_SRC, out_use}};
+    } else {
+      args = {{DNNL_ARG_SRC, a_use}, {DNNL_ARG_DIFF_DST, b_use},
+              {DNNL_ARG_DIFF_WEIGHTS, out_use}};
+    }
+    args.insert({DNNL_ARG_SCRATCHPAD, scratch});
+    entry->primitive.execute(stream, args);
+    if (!(entry->out_plain == entry->out_want)) {
+      dnnl::reorder(out_use, out_mem).execute(stream, out_use, out_mem);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("bnn_flat oneDNN convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+std::string ImplInfo(int64_t role, const int64_t* xs, const int64_t* ws, const int64_t* ys,
+                     const int64_t* cfg) {
+  dims x = {xs[0], xs[3], xs[1], xs[2]}, w = {ws[3], ws[2], ws[0], ws[1]},
+       y = {ys[0], ys[3], ys[1], ys[2]};
+  auto entry = Build(role, x, w, y, {cfg[0], cfg[1]}, {cfg[2] - 1, cfg[3] - 1}, {cfg[4], cfg[5]},
+                     {cfg[6], cfg[7]});
+  return entry->impl;
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnnFlatOnednnConv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("role")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+
+extern "C" {
+// The oneDNN implementation chosen for one configuration, for diagnostics; cfg holds
+// strides (2), dilation (2), pad_lo (2), pad_hi (2). Returns the string length written.
+int bnn_flat_onednn_impl_info(int64_t role, const int64_t* x, const int64_t* w, const int64_t* y,
+                              const int64_t* cfg, char* out, int capacity) {
+  try {
+    std::string info = ImplInfo(role, x, w, y, cfg);
+    int n = static_cast<int>(info.size()) < capacity - 1 ? static_cast<int>(info.size())
+                                                          : capacity - 1;
+    info.copy(out, n);
+    out[n] = 0;
+    return n;
+  } catch (const std::exception& e) {
+    return -1;
+  }
+}
+}
