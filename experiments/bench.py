@@ -12,7 +12,10 @@ compile time reported separately), written as one flat key per figure:
   (:mod:`experiments.bench_bma`); ``{model}.bma_auto.choice`` names the automatic choice.
 * ``{model}.sgd.over_torch`` / ``{model}.sam.over_torch``: our SGD and SAM steps over the same
   steps written in PyTorch (SAM: two forward/backward passes), when ``torch`` is installed;
-  the four runs are timed round-robin within each repeat (:func:`torch_comparison`).
+  the four runs are timed round-robin within each repeat (:func:`torch_comparison`). For conv
+  models on oneDNN convolutions (the CPU default, :mod:`bnn_flat._native`), the same rounds
+  time the SGD step on XLA's own convolutions too: ``{model}.sgd_xla_conv.over_torch`` and
+  ``{model}.sgd.onednn_over_xla_conv``.
 * ``{model}.sgd.scan_over_top_level``: a step inside the scanned epoch loop over the same step
   jitted on its own and called from Python (the XLA:CPU loop-body effect on convolutions);
   with ``--conv_comparison`` also ``{model}.sgd_lax_conv.*`` for plain ``lax`` convolutions.
@@ -47,6 +50,7 @@ import numpy as np
 import optax
 
 from bnn_flat import models, objectives
+from bnn_flat.models import conv
 from bnn_flat.posteriors import point
 from experiments import bench_bma, bench_transforms
 
@@ -283,7 +287,12 @@ _MIN_BLOCK_SECONDS = 0.3
 
 
 def torch_comparison(
-    name: str, spec: dict[str, Any], steps: int, repeats: int, threads: int | None = None
+    name: str,
+    spec: dict[str, Any],
+    steps: int,
+    repeats: int,
+    threads: int | None = None,
+    xla_conv: bool = True,
 ) -> dict[str, float]:
     """Our SGD and SAM steps against the same steps in PyTorch, timed round-robin.
 
@@ -302,10 +311,14 @@ def torch_comparison(
       steps: steps per timed call.
       repeats: timed rounds (medians reported).
       threads: PyTorch intra-op threads (``None``: its default).
+      xla_conv: for conv models whose convolutions run on oneDNN (the CPU default), also time
+        the SGD step with XLA's own convolutions (``implementation="canonical"``) in the
+        same rounds.
 
     Returns:
       ``{sgd,sam}.step_seconds`` (ours), ``torch.{sgd,sam}_step_seconds`` and
-      ``{sgd,sam}.over_torch``.
+      ``{sgd,sam}.over_torch``; with ``xla_conv``, ``sgd_xla_conv.step_seconds``,
+      ``sgd_xla_conv.over_torch`` and ``sgd.onednn_over_xla_conv``.
     """
     torch_sgd, torch_sam = _torch_step_functions(name, spec, threads)
     loss_fn, params, model_state, batch = _problem(name, spec)
@@ -314,8 +327,13 @@ def torch_comparison(
         "sgd": optax.sgd(_LEARNING_RATE, momentum=0.9),
         "sam": bench_transforms._transforms(_NUM_DATA)["sam"],
     }
+    programs = {label: (loss_fn, transform) for label, transform in transforms.items()}
+    if xla_conv and name != "mlp" and conv.resolve_implementation("auto") == "onednn":
+        # the same SGD step on XLA's own convolutions, in the same rounds
+        xla_loss = _problem(name, spec, functools.partial(conv.Conv, implementation="canonical"))
+        programs["sgd_xla_conv"] = (xla_loss[0], transforms["sgd"])
     runs: dict[str, Callable[[], Any]] = {}
-    for label, transform in transforms.items():
+    for label, (loss_fn, transform) in programs.items():
         family = point.build(loss_fn, transform)
         state = family.init(params, model_state)
 
@@ -324,6 +342,8 @@ def torch_comparison(
 
         program = jax.jit(scanned).lower(state, batch, keys).compile()
         runs[f"ours.{label}"] = functools.partial(program, state, batch, keys)
+        if label not in transforms:
+            continue
 
         def torch_run(step=torch_sgd if label == "sgd" else torch_sam):
             for _ in range(steps):
@@ -350,6 +370,10 @@ def torch_comparison(
         result[f"{label}.step_seconds"] = median[f"ours.{label}"]
         result[f"torch.{label}_step_seconds"] = median[f"torch.{label}"]
         result[f"{label}.over_torch"] = median[f"ours.{label}"] / median[f"torch.{label}"]
+    if "ours.sgd_xla_conv" in median:
+        result["sgd_xla_conv.step_seconds"] = median["ours.sgd_xla_conv"]
+        result["sgd_xla_conv.over_torch"] = median["ours.sgd_xla_conv"] / median["torch.sgd"]
+        result["sgd.onednn_over_xla_conv"] = median["ours.sgd"] / median["ours.sgd_xla_conv"]
     return result
 
 
@@ -524,11 +548,19 @@ def run_suite(
                 flat[f"{name}.torch.{label}_step_seconds"] = compared[f"torch.{label}_step_seconds"]
                 flat[f"{name}.{label}.over_torch"] = compared[f"{label}.over_torch"]
                 flat[f"{name}.{label}.torch_run_step_seconds"] = compared[f"{label}.step_seconds"]
+            for key in ("sgd_xla_conv.over_torch", "sgd.onednn_over_xla_conv"):
+                if key in compared:
+                    flat[f"{name}.{key}"] = compared[key]
             log(
                 f"{name}: / torch (timed round-robin): sgd {flat[f'{name}.sgd.over_torch']:.2f} "
                 f"({1e3 * compared['sgd.step_seconds']:.1f} vs "
                 f"{1e3 * compared['torch.sgd_step_seconds']:.1f} ms), sam "
                 f"{flat[f'{name}.sam.over_torch']:.2f}"
+                + (
+                    f"; XLA-convolution sgd {compared['sgd_xla_conv.over_torch']:.2f}"
+                    if "sgd_xla_conv.over_torch" in compared
+                    else ""
+                )
             )
     if run_scaling:
         scaled = {n: specs[n] for n in model_names if n in ("mlp", "lenet")}

@@ -9,7 +9,11 @@
 // The result buffer's shape fixes the shape of the computed operand. Primitives are built once
 // per (role, shapes, strides, padding, dilation) and kept for the life of the process.
 #include <cstdint>
+#include <cstdlib>
+#include <map>
 #include <memory>
+#include <new>
+#include <optional>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -39,6 +43,55 @@ struct Entry {
   dnnl::memory::desc a_want, b_want, out_want;
   dnnl::memory::desc scratchpad;
   std::string impl;
+  // plain -> blocked reorders of the operands and blocked -> plain of the result (built once;
+  // empty when the primitive takes the plain layout)
+  std::optional<dnnl::reorder> a_reorder, b_reorder, out_reorder;
+};
+
+// Reusable 64-byte-aligned buffers for the blocked copies and scratchpads, so that a step does
+// not map and fault in fresh pages for every convolution. Buffers are handed to one call at a
+// time (XLA may run independent convolutions concurrently).
+class BufferPool {
+ public:
+  void* Acquire(size_t bytes) {
+    if (bytes == 0) return nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto found = free_.find(bytes);
+      if (found != free_.end()) {
+        void* buffer = found->second;
+        free_.erase(found);
+        return buffer;
+      }
+    }
+    size_t rounded = (bytes + 63) / 64 * 64;
+    void* buffer = std::aligned_alloc(64, rounded);
+    if (buffer == nullptr) throw std::bad_alloc();
+    return buffer;
+  }
+  void Release(size_t bytes, void* buffer) {
+    if (buffer == nullptr) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.emplace(bytes, buffer);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+};
+
+BufferPool& Pool() {
+  static BufferPool* pool = new BufferPool();  // never destroyed: safe at process exit
+  return *pool;
+}
+
+struct PooledBuffer {
+  explicit PooledBuffer(size_t size) : bytes(size), data(Pool().Acquire(size)) {}
+  ~PooledBuffer() { Pool().Release(bytes, data); }
+  PooledBuffer(const PooledBuffer&) = delete;
+  PooledBuffer& operator=(const PooledBuffer&) = delete;
+  size_t bytes;
+  void* data;
 };
 
 std::mutex cache_mutex;
@@ -92,6 +145,15 @@ std::shared_ptr<Entry> Build(int64_t role, const dims& x, const dims& w, const d
     entry->out_want = pd.diff_weights_desc(); entry->scratchpad = pd.scratchpad_desc();
     entry->impl = pd.impl_info_str();
   }
+  if (!(entry->a_plain == entry->a_want))
+    entry->a_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        engine, entry->a_plain, engine, entry->a_want));
+  if (!(entry->b_plain == entry->b_want))
+    entry->b_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        engine, entry->b_plain, engine, entry->b_want));
+  if (!(entry->out_plain == entry->out_want))
+    entry->out_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        engine, entry->out_want, engine, entry->out_plain));
   return entry;
 }
 
@@ -125,7 +187,7 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   if (!entry) {
     try {
       entry = Build(role, x, w, y, st, di, lo, hi);
-    } catch (const dnnl::error& e) {
+    } catch (const std::exception& e) {
       return ffi::Error::Internal(std::string("bnn_flat oneDNN convolution: ") + e.what());
     }
     std::lock_guard<std::mutex> lock(cache_mutex);
@@ -133,21 +195,25 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   }
   try {
     auto& engine = Engine();
-    dnnl::stream stream(engine);
+    thread_local dnnl::stream stream(engine);
     dnnl::memory a_mem(entry->a_plain, engine, const_cast<float*>(a.typed_data()));
     dnnl::memory b_mem(entry->b_plain, engine, const_cast<float*>(b.typed_data()));
     dnnl::memory out_mem(entry->out_plain, engine, out->typed_data());
-    auto reordered = [&](dnnl::memory& plain, const dnnl::memory::desc& want) {
-      if (plain.get_desc() == want) return plain;
-      dnnl::memory m(want, engine);
-      dnnl::reorder(plain, m).execute(stream, plain, m);
-      return m;
-    };
-    dnnl::memory a_use = reordered(a_mem, entry->a_want);
-    dnnl::memory b_use = reordered(b_mem, entry->b_want);
-    dnnl::memory out_use =
-        entry->out_plain == entry->out_want ? out_mem : dnnl::memory(entry->out_want, engine);
-    dnnl::memory scratch(entry->scratchpad, engine);
+    PooledBuffer a_buffer(entry->a_reorder ? entry->a_want.get_size() : 0);
+    PooledBuffer b_buffer(entry->b_reorder ? entry->b_want.get_size() : 0);
+    PooledBuffer out_buffer(entry->out_reorder ? entry->out_want.get_size() : 0);
+    PooledBuffer scratch_buffer(entry->scratchpad.get_size());
+    dnnl::memory a_use = a_mem, b_use = b_mem, out_use = out_mem;
+    if (entry->a_reorder) {
+      a_use = dnnl::memory(entry->a_want, engine, a_buffer.data);
+      entry->a_reorder->execute(stream, a_mem, a_use);
+    }
+    if (entry->b_reorder) {
+      b_use = dnnl::memory(entry->b_want, engine, b_buffer.data);
+      entry->b_reorder->execute(stream, b_mem, b_use);
+    }
+    if (entry->out_reorder) out_use = dnnl::memory(entry->out_want, engine, out_buffer.data);
+    dnnl::memory scratch(entry->scratchpad, engine, scratch_buffer.data);
     std::unordered_map<int, dnnl::memory> args;
     if (role == 0) {
       args = {{DNNL_ARG_SRC, a_use}, {DNNL_ARG_WEIGHTS, b_use}, {DNNL_ARG_DST, out_use}};
@@ -160,11 +226,9 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     }
     args.insert({DNNL_ARG_SCRATCHPAD, scratch});
     entry->primitive.execute(stream, args);
-    if (!(entry->out_plain == entry->out_want)) {
-      dnnl::reorder(out_use, out_mem).execute(stream, out_use, out_mem);
-    }
+    if (entry->out_reorder) entry->out_reorder->execute(stream, out_use, out_mem);
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("bnn_flat oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();

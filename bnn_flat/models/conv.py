@@ -27,9 +27,20 @@ order. Other convolutions zero-pad their input and output features to a multiple
 Eigen then packs whole vectors (LeNet's 6 -> 16 convolution and its input gradient run
 1.4-1.5x faster); the padded outputs are sliced off, so values and gradients are unchanged.
 
-``implementation="auto"`` uses this form when the default backend is the CPU and plain
-:func:`jax.lax.conv_general_dilated` elsewhere (GPU/TPU compilers pick their own layouts).
-:class:`Conv` is a drop-in replacement for :class:`flax.linen.Conv` with the same parameters.
+**oneDNN.** Even in canonical form, Eigen's convolution kernels (image-patch packing plus a
+generic matrix-multiply kernel) are slower than the JIT-generated kernels of oneDNN, which
+PyTorch uses on the same CPU. ``implementation="onednn"`` runs 2-D float32 convolutions, their
+input gradients and their kernel gradients as XLA custom calls into oneDNN
+(:mod:`bnn_flat._native`, compiled on first use; :mod:`bnn_flat._native.conv` has the JAX
+primitive with its JVP, transpose and batching rules, so every order of differentiation and
+``vmap`` work). Other convolutions (1-D/3-D, other dtypes, input dilation) take the canonical
+form. Measured on a 2-core machine: ResNet-20 SGD step 0.88x the canonical form's, LeNet 0.91x.
+
+``implementation="auto"`` uses oneDNN on a single CPU device when it is available, the
+canonical form on other CPU setups (XLA's SPMD partitioner cannot split a custom call, so
+sharded programs keep XLA's convolutions), and plain :func:`jax.lax.conv_general_dilated`
+elsewhere (GPU/TPU compilers pick their own layouts). :class:`Conv` is a drop-in replacement
+for :class:`flax.linen.Conv` with the same parameters.
 """
 
 from __future__ import annotations
