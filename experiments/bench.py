@@ -16,8 +16,9 @@ compile time reported separately), written as one flat key per figure:
   models on oneDNN convolutions (the CPU default, :mod:`bnn_flat._native`), the same rounds
   time the SGD step on XLA's own convolutions too: ``{model}.sgd_xla_conv.over_torch`` and
   ``{model}.sgd.onednn_over_xla_conv``.
-* ``{model}.sgd.scan_over_top_level``: a step inside the scanned epoch loop over the same step
-  jitted on its own and called from Python (the XLA:CPU loop-body effect on convolutions);
+* ``{model}.sgd.scan_over_top_level`` (not in ``--quick``): a step inside the scanned epoch
+  loop over the same step jitted on its own and called from Python (the XLA:CPU loop-body
+  effect on convolutions);
   with ``--conv_comparison`` also ``{model}.sgd_lax_conv.*`` for plain ``lax`` convolutions.
 * ``scaling.{model}.devices4_over_devices1`` and ``scaling.{model}.max_abs_difference``: a
   data-parallel step on 4 forced host devices against 1 (a subprocess with
@@ -78,11 +79,25 @@ def _model_specs(size: str) -> dict[str, dict[str, Any]]:
 
 
 PRESETS = {
-    "full": dict(size="full", steps=5, repeats=7, bma_samples=32, bma_batch=256, bma_repeats=5),
-    "quick": dict(size="full", steps=2, repeats=3, bma_samples=32, bma_batch=32, bma_repeats=3),
-    "tiny": dict(size="tiny", steps=2, repeats=2, bma_samples=4, bma_batch=4, bma_repeats=1),
-}
-"""Suite sizes: ``full`` (report figures), ``quick`` (a few minutes), ``tiny`` (smoke test)."""
+    "full": dict(
+        size="full", steps=5, repeats=7, bma_samples=32, bma_batch=256, bma_repeats=5,
+        torch_rounds=7, loop_comparison=True,
+    ),
+    "quick": dict(
+        size="full", steps=2, repeats=3, bma_samples=32, bma_batch=32, bma_repeats=3,
+        torch_rounds=5, loop_comparison=False,
+    ),
+    "tiny": dict(
+        size="tiny", steps=2, repeats=2, bma_samples=4, bma_batch=4, bma_repeats=1,
+        torch_rounds=2, loop_comparison=True,
+    ),
+}  # fmt: skip
+"""Suite sizes: ``full`` (report figures), ``quick`` (a few minutes), ``tiny`` (smoke test).
+
+``torch_rounds``: round-robin rounds of the PyTorch comparison; ``loop_comparison``: measure
+``{model}.sgd.scan_over_top_level`` (skipped by ``quick``: with the oneDNN convolutions the
+scanned step is no slower than the top-level one, 0.83-0.97 in the last quick run with it).
+"""
 
 
 def _make_module(name: str, spec: dict[str, Any], conv: Callable[..., nn.Module] | None = None):
@@ -517,9 +532,10 @@ def run_suite(
             f"{steps_result['sam.over_handwritten']:.2f}, sam/optax "
             f"{steps_result['sam.over_optax_sam']:.2f} ({time.perf_counter() - begin:.0f} s)"
         )
-        loop = scan_versus_top_level(name, spec, steps, repeats)
-        flat.update({f"{name}.sgd.{k}": v for k, v in loop.items()})
-        log(f"{name}: scan/top-level {loop['scan_over_top_level']:.2f}")
+        if config["loop_comparison"] or conv_comparison:
+            loop = scan_versus_top_level(name, spec, steps, repeats)
+            flat.update({f"{name}.sgd.{k}": v for k, v in loop.items()})
+            log(f"{name}: scan/top-level {loop['scan_over_top_level']:.2f}")
         if conv_comparison and name != "mlp":
             plain = scan_versus_top_level(name, spec, steps, max(1, repeats // 2), nn.Conv)
             flat.update({f"{name}.sgd_lax_conv.{k}": v for k, v in plain.items()})
@@ -543,7 +559,7 @@ def run_suite(
                 flat[f"{name}.bma_{key}"] = value
         log(f"{name}: BMA auto ({bma['auto_choice']}) / ideal {bma['auto_over_ideal']:.2f}")
         if use_torch and _torch_available():
-            compared = torch_comparison(name, spec, steps, max(repeats, 3), torch_threads)
+            compared = torch_comparison(name, spec, steps, config["torch_rounds"], torch_threads)
             for label in ("sgd", "sam"):
                 flat[f"{name}.torch.{label}_step_seconds"] = compared[f"torch.{label}_step_seconds"]
                 flat[f"{name}.{label}.over_torch"] = compared[f"{label}.over_torch"]

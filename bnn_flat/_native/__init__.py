@@ -64,7 +64,7 @@ def _find_onednn() -> tuple[Path, Path, str]:
         version = "custom:" + root
     else:
         header = _distribution_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
-        library = _distribution_file("onednn-cpu-gomp", "lib/libdnnl.so.3")
+        library = _distribution_file("onednn-cpu-gomp", "libdnnl.so.3")
         if header is None or library is None:
             prefix = Path(sys.prefix)
             header = header or prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp"
