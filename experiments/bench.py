@@ -314,11 +314,13 @@ def torch_comparison(
     Our steps are the suite's scanned point-family steps (momentum SGD, and
     ``transforms.sam`` chained with it); PyTorch's use the same model, batch, momentum SGD and
     weight decay (NCHW float32), SAM as two forward/backward passes. In every repeat
-    the four runs (ours SGD, PyTorch SGD, ours SAM, PyTorch SAM) are timed in turn, so a load
+    the runs (ours SGD and SAM, then PyTorch's SGD and SAM) are timed in turn, so a load
     burst on a shared machine hits both sides of each ratio rather than one. Each turn is a
-    block of at least ``_MIN_BLOCK_SECONDS``, after one untimed call for short steps: right
-    after the other library ran, its thread pool is still winding down (measured: the MLP step
-    4.7 ms alone, 5.6-8 ms when timed straight after a PyTorch step).
+    block of at least ``_MIN_BLOCK_SECONDS``; the first turn after a switch of library starts
+    with one untimed call: right after the other library ran, its thread pool is still winding
+    down (measured: the MLP step 4.7 ms alone, 5.6-8 ms when timed straight after a PyTorch
+    step; on ResNet-20 our SAM step was 2.25-2.29x our SGD step when timed straight after
+    PyTorch's SGD step, 1.91x without PyTorch in between).
 
     Args:
       name: ``"mlp"``, ``"lenet"`` or ``"resnet20"``.
@@ -371,10 +373,16 @@ def torch_comparison(
         jax.block_until_ready(run())
         calls[label] = max(1, math.ceil(_MIN_BLOCK_SECONDS / (time.perf_counter() - begin)))
     times: dict[str, list[float]] = {label: [] for label in runs}
+    # ours first, then PyTorch's, in every round; the first turn after a switch of library
+    # starts with an untimed call (the other library's threads wind down meanwhile)
+    order = sorted(runs, key=lambda label: label.startswith("torch."))
+    previous_library = None
     for _ in range(repeats):
-        for label, run in runs.items():
-            if calls[label] > 1:  # untimed: the other library's threads wind down
+        for label in order:
+            run, library = runs[label], label.split(".")[0]
+            if library != previous_library:
                 jax.block_until_ready(run())
+            previous_library = library
             begin = time.perf_counter()
             for _ in range(calls[label]):
                 jax.block_until_ready(run())

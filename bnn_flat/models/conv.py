@@ -34,7 +34,8 @@ input gradients and their kernel gradients as XLA custom calls into oneDNN
 (:mod:`bnn_flat._native`, compiled on first use; :mod:`bnn_flat._native.conv` has the JAX
 primitive with its JVP, transpose and batching rules, so every order of differentiation and
 ``vmap`` work). Other convolutions (1-D/3-D, other dtypes, input dilation) take the canonical
-form. Measured on a 2-core machine: ResNet-20 SGD step 0.88x the canonical form's, LeNet 0.91x.
+form. Measured on a 2-core machine (round-robin, 7-9 rounds): ResNet-20 SGD step 0.83-0.91x
+the canonical form's, LeNet 0.91-1.04x.
 
 ``implementation="auto"`` uses oneDNN on a single CPU device when it is available, the
 canonical form on other CPU setups (XLA's SPMD partitioner cannot split a custom call, so
