@@ -8,6 +8,7 @@
 //   role 2: w = dT/dw from (x, g)   its kernel gradient (oneDNN backward weights)
 // The result buffer's shape fixes the shape of the computed operand. Primitives are built once
 // per (role, shapes, strides, padding, dilation) and kept for the life of the process.
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -100,6 +101,17 @@ std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
 dims Nchw(ffi::Span<const int64_t> nhwc) { return {nhwc[0], nhwc[3], nhwc[1], nhwc[2]}; }
 dims Oihw(ffi::Span<const int64_t> hwio) { return {hwio[3], hwio[2], hwio[0], hwio[1]}; }
 
+using Descs = std::array<dnnl::memory::desc, 3>;
+
+void Describe(Entry& entry, dnnl::primitive primitive, const dnnl::primitive_desc& pd,
+              const Descs& plain, const Descs& want) {
+  entry.primitive = primitive;
+  entry.a_plain = plain[0]; entry.b_plain = plain[1]; entry.out_plain = plain[2];
+  entry.a_want = want[0]; entry.b_want = want[1]; entry.out_want = want[2];
+  entry.scratchpad = pd.scratchpad_desc();
+  entry.impl = pd.impl_info_str();
+}
+
 std::shared_ptr<Entry> Build(int64_t role, const dims& x, const dims& w, const dims& y,
                              const dims& strides, const dims& dilation, const dims& lo,
                              const dims& hi) {
@@ -120,30 +132,23 @@ std::shared_ptr<Entry> Build(int64_t role, const dims& x, const dims& w, const d
       engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, xd,
       wd, yd, strides, dilation, lo, hi, attr);
   auto entry = std::make_shared<Entry>();
+  // a: first operand, b: second operand, out: result, each as stored by XLA (plain) and as the
+  // primitive wants it
   if (role == 0) {
-    entry->primitive = dnnl::convolution_forward(fwd);
-    entry->a_plain = x_plain; entry->b_plain = w_plain; entry->out_plain = y_plain;
-    entry->a_want = fwd.src_desc(); entry->b_want = fwd.weights_desc();
-    entry->out_want = fwd.dst_desc(); entry->scratchpad = fwd.scratchpad_desc();
-    entry->impl = fwd.impl_info_str();
+    Describe(*entry, dnnl::convolution_forward(fwd), fwd, {x_plain, w_plain, y_plain},
+             {fwd.src_desc(), fwd.weights_desc(), fwd.dst_desc()});
   } else if (role == 1) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         engine, dnnl::algorithm::convolution_direct, xd, wd, yd, strides,
         dilation, lo, hi, fwd, attr);
-    entry->primitive = dnnl::convolution_backward_data(pd);
-    entry->a_plain = y_plain; entry->b_plain = w_plain; entry->out_plain = x_plain;
-    entry->a_want = pd.diff_dst_desc(); entry->b_want = pd.weights_desc();
-    entry->out_want = pd.diff_src_desc(); entry->scratchpad = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
+    Describe(*entry, dnnl::convolution_backward_data(pd), pd, {y_plain, w_plain, x_plain},
+             {pd.diff_dst_desc(), pd.weights_desc(), pd.diff_src_desc()});
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         engine, dnnl::algorithm::convolution_direct, xd, wd, yd, strides,
         dilation, lo, hi, fwd, attr);
-    entry->primitive = dnnl::convolution_backward_weights(pd);
-    entry->a_plain = x_plain; entry->b_plain = y_plain; entry->out_plain = w_plain;
-    entry->a_want = pd.src_desc(); entry->b_want = pd.diff_dst_desc();
-    entry->out_want = pd.diff_weights_desc(); entry->scratchpad = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
+    Describe(*entry, dnnl::convolution_backward_weights(pd), pd, {x_plain, y_plain, w_plain},
+             {pd.src_desc(), pd.diff_dst_desc(), pd.diff_weights_desc()});
   }
   if (!(entry->a_plain == entry->a_want))
     entry->a_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
