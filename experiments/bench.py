@@ -12,7 +12,7 @@ compile time reported separately), written as one flat key per figure:
   (:mod:`experiments.bench_bma`); ``{model}.bma_auto.choice`` names the automatic choice.
 * ``{model}.sgd.over_torch`` / ``{model}.sam.over_torch``: our SGD and SAM steps over the same
   steps written in PyTorch (SAM: two forward/backward passes), when ``torch`` is installed;
-  the four runs are timed round-robin within each repeat (:func:`torch_comparison`). For conv
+  the runs are timed round-robin within each repeat (:func:`torch_comparison`). For conv
   models on oneDNN convolutions (the CPU default, :mod:`bnn_flat._native`), the same rounds
   time the SGD step on XLA's own convolutions too: ``{model}.sgd_xla_conv.over_torch`` and
   ``{model}.sgd.onednn_over_xla_conv``.

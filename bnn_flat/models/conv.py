@@ -238,15 +238,24 @@ def _onednn_supports(config: _Config, lhs: jax.Array, rhs: jax.Array) -> bool:
 def _onednn_conv(config: _Config, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     from bnn_flat._native.conv import conv2d
 
-    padding = config.padding
-    if isinstance(padding, str):
-        dilated = tuple(
-            (k - 1) * d + 1 for k, d in zip(rhs.shape[:2], config.rhs_dilation, strict=True)
-        )
-        padding = lax.padtype_to_pads(lhs.shape[1:3], dilated, config.window_strides, padding)
+    padding = _explicit_padding(config, lhs, rhs)
     if any(lo < 0 or hi < 0 for lo, hi in padding):  # cropping: oneDNN takes no negative pads
         return _canonical_conv(config, lhs, rhs)
     return conv2d(lhs, rhs, config.window_strides, padding, config.rhs_dilation)
+
+
+def _dilated_kernel_size(config: _Config, rhs: jax.Array) -> tuple[int, ...]:
+    kernel_size = rhs.shape[: rhs.ndim - 2]
+    return tuple((k - 1) * d + 1 for k, d in zip(kernel_size, config.rhs_dilation, strict=True))
+
+
+def _explicit_padding(config: _Config, lhs: jax.Array, rhs: jax.Array):
+    """``config.padding`` as one ``(low, high)`` pair per spatial axis."""
+    if not isinstance(config.padding, str):
+        return config.padding
+    return lax.padtype_to_pads(
+        lhs.shape[1:-1], _dilated_kernel_size(config, rhs), config.window_strides, config.padding
+    )
 
 
 FEATURE_ALIGNMENT = 8
@@ -313,10 +322,8 @@ def _shifted_sum_conv(config: _Config, lhs: jax.Array, rhs: jax.Array) -> jax.Ar
     """
     num_spatial = lhs.ndim - 2
     kernel_size = rhs.shape[:num_spatial]
-    dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, config.rhs_dilation, strict=True))
-    padding = config.padding
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:-1], dilated, config.window_strides, padding)
+    dilated = _dilated_kernel_size(config, rhs)
+    padding = _explicit_padding(config, lhs, rhs)
     padded = lax.pad(
         lhs,
         jnp.zeros((), lhs.dtype),
