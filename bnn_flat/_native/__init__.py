@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DISABLE_VARIABLE", "FFI_TARGET", "onednn_available", "status"]
+__all__ = ["DISABLE_VARIABLE", "FFI_TARGET", "implementation_name", "onednn_available", "status"]
 
 DISABLE_VARIABLE = "BNN_FLAT_ONEDNN"
 """Set to ``0`` to keep every convolution on XLA's own kernels."""
