@@ -195,3 +195,54 @@ def test_disabled_by_environment_and_built_into_a_fresh_cache(tmp_path):
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
     )  # fmt: skip
     assert sharded["auto"] == "canonical" and sharded["status"]["onednn"]
+
+
+def _small_conv_apply(implementation):
+    def apply(params, state, x, *, train, key):
+        del train, key
+        h = conv.conv_general_dilated(
+            x, params["conv"], (1, 1), "SAME", dimension_numbers=_NUMBERS,
+            implementation=implementation,
+        )  # fmt: skip
+        h = jax.nn.relu(h).mean(axis=(1, 2))
+        return h @ params["head"], state
+
+    return apply
+
+
+def test_vi_step_is_the_same_staged_around_onednn_convolutions():
+    """VI families store draws and draw gradients around oneDNN networks; same numbers."""
+    import optax
+
+    from bnn_flat import objectives, transforms
+    from bnn_flat._native.conv import calls_native_convolutions
+    from bnn_flat.posteriors import low_rank_vi
+
+    kx, kc, kh = jax.random.split(jax.random.key(0), 3)
+    batch = {
+        "inputs": jax.random.normal(kx, (8, 6, 6, 3)),
+        "labels": jnp.arange(8) % 4,
+    }
+    params = {
+        "conv": 0.3 * jax.random.normal(kc, (3, 3, 3, 5)),
+        "head": 0.3 * jax.random.normal(kh, (5, 4)),
+    }
+    results = {}
+    for implementation in ("onednn", "canonical"):
+        loss_fn = objectives.classification_loss(_small_conv_apply(implementation), num_data=64)
+        native = calls_native_convolutions(
+            lambda p, loss_fn=loss_fn: loss_fn(p, {}, batch, jax.random.key(1))[0], params
+        )
+        assert native == (implementation == "onednn")
+        optimizer = optax.chain(transforms.sabma(0.5), optax.sgd(0.1))
+        family = low_rank_vi.build(
+            loss_fn, optimizer, num_data=64, prior_precision=2.0, rank=2, init_std=0.05
+        )
+        state = family.init(params, {})
+        for step in range(3):
+            state, info = jax.jit(family.update)(jax.random.key(step), state, batch)
+        results[implementation] = (state, info.loss)
+    (staged, staged_loss), (fused, fused_loss) = results["onednn"], results["canonical"]
+    _close(staged_loss, fused_loss)
+    for a, b in zip(jax.tree.leaves(staged), jax.tree.leaves(fused), strict=True):
+        _close(a, b)

@@ -29,7 +29,7 @@ from jax.interpreters import ad, batching, mlir
 
 from bnn_flat._native import FFI_TARGET
 
-__all__ = ["conv2d", "conv_role"]
+__all__ = ["calls_native_convolutions", "conv2d", "conv_role"]
 
 _NUMBERS = ("NHWC", "HWIO", "NHWC")
 _conv_p = Primitive("bnn_flat_onednn_conv")
@@ -48,6 +48,29 @@ def conv_role(a, b, *, role, strides, dilation, pad_lo, pad_hi, out_shape):
         pad_hi=tuple(pad_hi),
         out_shape=tuple(out_shape),
     )
+
+
+def calls_native_convolutions(function, *args) -> bool:
+    """Whether ``function(*args)`` runs oneDNN convolutions (traced abstractly, not run).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> calls_native_convolutions(jnp.sin, jnp.ones(3))
+      False
+    """
+    return _mentions(jax.make_jaxpr(function)(*args).jaxpr)
+
+
+def _mentions(jaxpr) -> bool:
+    for equation in jaxpr.eqns:
+        if equation.primitive is _conv_p:
+            return True
+        for value in equation.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns") and _mentions(inner):
+                    return True
+    return False
 
 
 def conv2d(
