@@ -84,7 +84,7 @@ PRESETS = {
         torch_rounds=7, loop_comparison=True,
     ),
     "quick": dict(
-        size="full", steps=2, repeats=3, bma_samples=32, bma_batch=32, bma_repeats=5,
+        size="full", steps=2, repeats=5, bma_samples=32, bma_batch=32, bma_repeats=5,
         torch_rounds=5, loop_comparison=False,
     ),
     "tiny": dict(
@@ -94,10 +94,11 @@ PRESETS = {
 }  # fmt: skip
 """Suite sizes: ``full`` (report figures), ``quick`` (a few minutes), ``tiny`` (smoke test).
 
-``bma_repeats``: round-robin rounds of the BMA strategies (quick: 5, since with 3 one load
-burst moved ResNet-20's ``auto``/ideal between 0.86 and 1.23 across runs while ``auto`` and
-``map`` are the same program; 5 rounds cost ~5 s more); ``torch_rounds``: round-robin rounds
-of the PyTorch comparison; ``loop_comparison``: measure
+``repeats`` / ``bma_repeats``: round-robin rounds of the transform steps / the BMA
+strategies (quick: 5 each, since with 3 one load burst moved ResNet-20's ``sam`` / hand-written
+SAM to 1.09 and its ``auto`` / ideal between 0.86 and 1.23 across runs, each pair compiling to
+the same work; the extra rounds cost ~15 s); ``torch_rounds``: round-robin rounds of the
+PyTorch comparison; ``loop_comparison``: measure
 ``{model}.sgd.scan_over_top_level`` (skipped by ``quick``: with the oneDNN convolutions the
 scanned step is no slower than the top-level one, 0.83-0.97 in the last quick run with it).
 """
