@@ -654,7 +654,7 @@ def _variational_step(
         # convolutions, whose OpenMP threads occupy every core, both slow down (LeNet
         # SA-BMA: 13% of the convolution time overlapped, each convolution 1.35x slower;
         # step 2.60x -> 2.36x an SGD step). Networks without them keep the fused form (an
-        # MLP step is faster fused). The values are the same.
+        # MLP step is faster fused). The same gradients, up to rounding.
         thetas, pull_back = jax.vjp(draws, phi)
         thetas = computed_once(lambda t: t, thetas)
 
