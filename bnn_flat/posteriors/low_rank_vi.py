@@ -482,7 +482,7 @@ def entropy(variational_params: dict[str, Params]) -> jax.Array:
       >>> round(float(entropy(phi)), 4)  # log(2 pi e) / 2
       1.4189
     """
-    _, _, log_det = _capacitance(variational_params)
+    log_det = _log_det(variational_params)
     return 0.5 * (_size(variational_params["mean"]) * (1.0 + _LOG_2PI) + log_det)
 
 
@@ -509,7 +509,7 @@ def kl_divergence(
       >>> round(float(kl_divergence(phi, 1.0)), 6)  # q equals the prior
       0.0
     """
-    _, _, log_det = _capacitance(variational_params)
+    log_det = _log_det(variational_params)
     std = standard_deviation(variational_params)
     trace = _tree_dot(std, std) + _tree_dot(
         variational_params["factor"], variational_params["factor"]
@@ -561,9 +561,7 @@ def kl_divergence_between(
     p_factor = _factor_rows(prior["factor"])
     p_inverse_variance = 1.0 / (p_std * p_std)
     _, p_cholesky, p_log_det = _capacitance(prior)
-    q_log_det = _log_det_covariance(
-        jax.tree.map(_float, standard_deviation(variational_params)), variational_params["factor"]
-    )
+    q_log_det = _log_det(variational_params)
     # Sigma_p^-1 = D^-1 - U U^T with U = D^-1 W^T L^-T
     # (a K x K inverse then a product: XLA:CPU's triangular solve with d right-hand sides
     # is ~20x slower)
@@ -677,9 +675,14 @@ def _draw_low_rank_noise(
 def _capacitance(variational_params: dict[str, Params]) -> tuple[Params, jax.Array, jax.Array]:
     """``(D^{-1}, cholesky(M), log det Sigma)`` with ``M = I + W D^{-1} W^T``."""
     std = jax.tree.map(_float, standard_deviation(variational_params))
-    factor = variational_params["factor"]
-    inverse_variance, _, cholesky = _capacitance_parts(std, factor)
-    return inverse_variance, cholesky, _log_det_covariance(std, factor)
+    inverse_variance, _, cholesky = _capacitance_parts(std, variational_params["factor"])
+    return inverse_variance, cholesky, _log_det(variational_params)
+
+
+def _log_det(variational_params: dict[str, Params]) -> jax.Array:
+    """``log det Sigma`` of ``{"raw_scale", "factor"}``, with its closed-form derivative."""
+    std = jax.tree.map(_float, standard_deviation(variational_params))
+    return _log_det_covariance(std, variational_params["factor"])
 
 
 def _capacitance_parts(std: Params, factor: Params) -> tuple[Params, Params, jax.Array]:
