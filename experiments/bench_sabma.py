@@ -41,7 +41,7 @@ _MODELS = {
     "lenet": (lambda: models.lenet(num_classes=10), (28, 28, 1), 128),
     "resnet20": (lambda: models.resnet20(num_classes=10, norm="group"), (32, 32, 3), 64),
 }
-_LEARNING_RATE = 0.05
+_LEARNING_RATE = 0.01  # 0.05 diverges for the all-weights LeNet VI families on this data
 
 
 def bench_model(

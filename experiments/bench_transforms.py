@@ -71,8 +71,23 @@ def _timed_interleaved(runs: dict, repeats: int) -> dict[str, tuple[float, float
         compiled = jax.jit(fn).lower(*args).compile()
         compile_seconds[name] = time.perf_counter() - begin
         calls[name] = functools.partial(compiled, *args)
+        _require_finite(name, calls[name]())
     seconds = bench_bma.round_robin_medians(calls, repeats)
     return {name: (seconds[name], compile_seconds[name]) for name in runs}
+
+
+def _require_finite(name: str, output) -> None:
+    """Raises if a timed run ends in a non-finite state (NaN arithmetic is not a step time)."""
+    leaves = [
+        leaf
+        for leaf in jax.tree.leaves(output)
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves):
+        raise RuntimeError(
+            f"the timed run {name!r} ends in a non-finite state (it diverged); its step "
+            "time would measure NaN arithmetic: lower the benchmark's learning rate or radius"
+        )
 
 
 def bench_model(name: str, steps: int, repeats: int, only=None, spec=None) -> dict[str, float]:

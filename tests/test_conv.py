@@ -296,5 +296,13 @@ def test_benchmark_suite_smoke(tmp_path):
     assert scaled["scaling.mlp.max_abs_difference"] < 1e-5  # sharded step equals one device
     with pytest.raises(ValueError, match="preset"):
         bench.run_suite("huge")
+    # a timed run that diverges is refused, not timed
+    from experiments.bench_transforms import _timed_interleaved
+
+    finite = (lambda x: x * 2.0, (jnp.ones(3),))
+    assert set(_timed_interleaved({"ok": finite}, repeats=1)) == {"ok"}
+    diverging = (lambda x: x / 0.0 - x / 0.0, (jnp.ones(3),))
+    with pytest.raises(RuntimeError, match="'nan_run' ends in a non-finite state"):
+        _timed_interleaved({"ok": finite, "nan_run": diverging}, repeats=1)
     with pytest.raises(ValueError, match="unknown models"):
         bench.run_suite("tiny", model_names=("vgg",))

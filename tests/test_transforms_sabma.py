@@ -155,12 +155,19 @@ def sabma_geometry(phi):
     return _Geometry.build(phi)
 
 
-def test_fisher_diagonal_is_accurate_when_the_factor_dominates_the_diagonal():
+@pytest.mark.parametrize(
+    "sigma, factor_scale",
+    [(1e-3, 0.05), (1.0, 1e-4)],
+    ids=["factor-dominates", "diagonal-dominates"],
+)
+def test_fisher_diagonal_is_accurate_when_one_part_dominates(sigma, factor_scale):
     """sigma = 1e-3 and |W| ~ 0.05 (a SWAG-like prior): the factor block of diag F in float32
-    matches a float64 reference (the subtraction form W D^-1 - (W U) U^T lost every digit)."""
+    matches a float64 reference (the subtraction form W D^-1 - (W U) U^T lost every digit).
+    sigma = 1 and |W| ~ 1e-4 (a fresh factor): diag(W Sigma^-1 W^T) ~ 1e-4 is taken from
+    K x K matrices without cancellation (1 - diag(M^-1) would lose it)."""
     d, rank = 4000, 5
-    factor = 0.05 * jax.random.normal(jax.random.key(11), (rank, d))
-    std = jnp.full(d, 1e-3)
+    factor = factor_scale * jax.random.normal(jax.random.key(11), (rank, d))
+    std = jnp.full(d, sigma)
     phi = {
         "mean": jnp.zeros(d),
         "raw_scale": jnp.log(jnp.expm1(std)),

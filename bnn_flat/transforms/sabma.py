@@ -478,10 +478,11 @@ def _diagonal_fisher_inverse_product(
         }
     else:
         scaled = jax.tree.map(lambda w, a: w * a[None], factor, inverse_variance)  # W D^-1
-        capacitance = jnp.eye(rank, dtype=dtype) + sum(
+        factor_gram = sum(  # G = W D^-1 W^T, (K, K)
             gram(rows(a), rows(w))
             for a, w in zip(jax.tree.leaves(scaled), jax.tree.leaves(factor), strict=True)
         )
+        capacitance = jnp.eye(rank, dtype=dtype) + factor_gram
         inverse_cholesky = jax.scipy.linalg.solve_triangular(
             jnp.linalg.cholesky(capacitance), jnp.eye(rank, dtype=dtype), lower=True
         )
@@ -492,10 +493,9 @@ def _diagonal_fisher_inverse_product(
         a_diagonal = jax.tree.map(
             lambda a, sc, b: a - jnp.sum(sc * b, axis=0), inverse_variance, scaled, b_rows
         )
-        quadratic = sum(  # diag(W Sigma^-1 W^T), (K,)
-            jnp.sum(rows(w) * rows(b), axis=1)
-            for w, b in zip(jax.tree.leaves(factor), jax.tree.leaves(b_rows), strict=True)
-        )
+        # diag(W Sigma^-1 W^T) = diag(M^-1 G), from K x K matrices: no pass over the factor
+        # (a sum over leaves of rows(w) * rows(b) re-reads every factor row per output row)
+        quadratic = jnp.sum(capacitance_inverse * factor_gram.T, axis=1)
         diagonal = {
             "raw_scale": jax.tree.map(lambda c, a: 2.0 * c**2 * a**2, chain, a_diagonal),
             "factor": jax.tree.map(
