@@ -15,6 +15,18 @@ load bursts on a shared machine hit all of them; compile time separately) for:
 Every SA-BMA step evaluates two gradients plus the sampling and the Fisher algebra
 (:math:`O(dK^2)`), so the target is at most 2.2x the SGD step.
 
+Beside them, two runs estimate the **floor** of an SA-BMA step on this machine: ``stream``,
+one fused pass that reads two arrays of :math:`(K+2)d` floats and writes one (the size of the
+variational parameters), and ``draw``, one standard-normal draw of :math:`d` values. However
+well the per-parameter algebra is fused, a step reads the variational parameters at least
+three times (the clean draw and gradient; the Fisher direction, which needs the clean
+gradient's global norm first; the perturbed draw and the update) and writes them once, and
+reads and writes the momentum: :math:`6(K+2)d` floats, two ``stream`` passes. So
+``floor = sam + 2 * stream + draw`` (the SAM step holds the two network passes; its own
+per-parameter work makes the estimate slightly high), reported as ``floor.over_sgd`` and
+``sabma.over_floor``. When the floor exceeds 2.2x the SGD step, the 2.2x target cannot be
+met with every weight Bayesian, whatever the implementation.
+
 ``--trainable=norm_and_head`` measures SA-BMA's transfer setting: only the normalisation
 layers and the head are trained (the rest frozen at the prior mean through
 :func:`bnn_flat.transfer.with_frozen`), against SGD fine-tuning of the same subset.
@@ -30,9 +42,11 @@ import argparse
 import json
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from bnn_flat import models, objectives, transfer, transforms
+from bnn_flat._random import standard_normal
 from bnn_flat.posteriors import low_rank_vi, point
 from experiments.bench_transforms import _timed_interleaved
 
@@ -51,9 +65,13 @@ def bench_model(
     rank: int,
     trainable: str = "all",
     runs: tuple[str, ...] | None = None,
+    spec=None,
 ) -> dict[str, float]:
-    """Per-step seconds and ratios to the SGD step for one model."""
-    make, shape, batch_size = _MODELS[name]
+    """Per-step seconds and ratios to the SGD step for one model.
+
+    ``spec=(make, shape, batch_size)`` overrides ``_MODELS[name]``.
+    """
+    make, shape, batch_size = spec if spec is not None else _MODELS[name]
     module = make()
     apply_fn = models.make_apply(module)
     inputs = jax.random.normal(jax.random.key(0), (batch_size, *shape))
@@ -102,13 +120,48 @@ def bench_model(
             return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
 
         runs[run_name] = (run, (family.init(params, model_state), jax.random.key(3)))
+    floor_runs = "sam" in families and "sabma" in families
+    if floor_runs:
+        runs.update(_floor_runs(params, rank, steps))
     for run_name, (seconds, compile_seconds) in _timed_interleaved(runs, repeats).items():
         result[f"{tag}.{run_name}.step_seconds"] = seconds / steps
         result[f"{tag}.{run_name}.compile_seconds"] = compile_seconds
     base = result[f"{tag}.sgd.step_seconds"]
     for run_name in families:
         result[f"{tag}.{run_name}.over_sgd"] = result[f"{tag}.{run_name}.step_seconds"] / base
+    if floor_runs:
+        floor = (
+            result[f"{tag}.sam.step_seconds"]
+            + 2.0 * result[f"{tag}.stream.step_seconds"]
+            + result[f"{tag}.draw.step_seconds"]
+        )
+        result[f"{tag}.floor.step_seconds"] = floor
+        result[f"{tag}.floor.over_sgd"] = floor / base
+        result[f"{tag}.sabma.over_floor"] = result[f"{tag}.sabma.step_seconds"] / floor
     return result
+
+
+def _floor_runs(params, rank: int, steps: int) -> dict:
+    """``stream`` (one fused pass over (K+2)d floats) and ``draw`` (d normals), per step."""
+    size = models.num_params(params)
+    values = jnp.full(((rank + 2) * size,), 0.5, jnp.float32)
+
+    def stream(carry, other):
+        def body(carry, _):
+            return carry * 0.5 + other, None
+
+        return jax.lax.scan(body, carry, None, length=steps)[0]
+
+    def draw(key):
+        def body(total, k):
+            return total + jnp.sum(standard_normal(k, (size,), jnp.float32)), None
+
+        return jax.lax.scan(body, jnp.zeros(()), jax.random.split(key, steps))[0]
+
+    return {
+        "stream": (stream, (values, values + 1.0)),
+        "draw": (draw, (jax.random.key(4),)),
+    }
 
 
 def main(argv=None) -> dict[str, float]:
@@ -131,7 +184,7 @@ def main(argv=None) -> dict[str, float]:
         figures = bench_model(name, args.steps, args.repeats, args.rank, args.trainable, runs)
         result.update(figures)
         for key, value in figures.items():
-            if key.endswith("over_sgd"):
+            if key.endswith(("over_sgd", "over_floor")):
                 print(f"{key:40s} {value:6.2f}x")
     if args.json:
         with open(args.json, "w") as handle:

@@ -306,3 +306,27 @@ def test_benchmark_suite_smoke(tmp_path):
         _timed_interleaved({"ok": finite, "nan_run": diverging}, repeats=1)
     with pytest.raises(ValueError, match="unknown models"):
         bench.run_suite("tiny", model_names=("vgg",))
+
+
+@pytest.mark.slow
+def test_sabma_benchmark_reports_the_floor():
+    """bench_sabma at a tiny size: the floor runs and ratios are present and consistent."""
+    from bnn_flat import models
+    from experiments import bench_sabma
+
+    spec = (lambda: models.mlp([8], num_outputs=10), (4, 4, 1), 8)
+    result = bench_sabma.bench_model(
+        "tiny", steps=1, repeats=1, rank=2, runs=("sgd", "sam", "sabma"), spec=spec
+    )
+    for key in ("tiny.floor.over_sgd", "tiny.sabma.over_floor", "tiny.stream.step_seconds"):
+        assert np.isfinite(result[key]) and result[key] > 0, key
+    floor = (
+        result["tiny.sam.step_seconds"]
+        + 2.0 * result["tiny.stream.step_seconds"]
+        + result["tiny.draw.step_seconds"]
+    )
+    np.testing.assert_allclose(result["tiny.floor.step_seconds"], floor)
+    np.testing.assert_allclose(
+        result["tiny.sabma.over_floor"], result["tiny.sabma.step_seconds"] / floor
+    )
+    assert result["tiny.trainable_parameters"] == 8 * 16 + 8 + 8 * 10 + 10
