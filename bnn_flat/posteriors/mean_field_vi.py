@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bnn_flat._fusion import computed_once
+from bnn_flat._fusion import computed_once, fence
 from bnn_flat._native.conv import calls_native_convolutions
 from bnn_flat.posteriors._common import check_perturbed_dropout
 from bnn_flat.transforms import make_split_grad_fn, normal_like
@@ -683,7 +683,10 @@ def _variational_step(
 
     def grad_fn(phi):
         sample_keys = call_keys("whole")
-        return value_and_grad(phi, batch, sample_keys)[1]
+        # a transform's perturbed posterior (SA-BMA: phi + rho F^-1 g / |g|_F) is read by the
+        # draws, the KL and the pull-back; stored once, rather than recomputed from phi and
+        # the direction inside each of those passes (MLP SA-BMA step 29.2 -> 27.1 ms)
+        return value_and_grad(fence(phi), batch, sample_keys)[1]
 
     def split_grad_fn(stacked_phi):
         sample_keys = call_keys("split")
