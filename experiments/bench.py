@@ -305,6 +305,18 @@ def _torch_step_functions(
 _MIN_BLOCK_SECONDS = 0.3
 
 
+def _compiled_steps(loss_fn, transform, params, model_state, batch, keys) -> Callable[[], Any]:
+    """``len(keys)`` scanned point-family steps, compiled and bound to their arguments."""
+    family = point.build(loss_fn, transform)
+    state = family.init(params, model_state)
+
+    def scanned(state, batch, keys):
+        return jax.lax.scan(lambda s, k: (family.update(k, s, batch)[0], None), state, keys)[0]
+
+    program = jax.jit(scanned).lower(state, batch, keys).compile()
+    return functools.partial(program, state, batch, keys)
+
+
 def torch_comparison(
     name: str,
     spec: dict[str, Any],
@@ -312,6 +324,7 @@ def torch_comparison(
     repeats: int,
     threads: int | None = None,
     xla_conv: bool = True,
+    ours: dict[str, Callable[[], Any]] | None = None,
 ) -> dict[str, float]:
     """Our SGD and SAM steps against the same steps in PyTorch, timed round-robin.
 
@@ -335,6 +348,10 @@ def torch_comparison(
       xla_conv: for conv models whose convolutions run on oneDNN (the CPU default), also time
         the SGD step with XLA's own convolutions (``implementation="canonical"``) in the
         same rounds.
+      ours: already compiled ``"sgd"`` / ``"sam"`` programs of the same problem (zero-argument
+        callables running ``steps`` scanned steps, as
+        :func:`experiments.bench_transforms.bench_model` returns through ``programs_out``);
+        the suite passes them so that the same programs are not compiled twice.
 
     Returns:
       ``{sgd,sam}.step_seconds`` (ours), ``torch.{sgd,sam}_step_seconds`` and
@@ -355,14 +372,12 @@ def torch_comparison(
         programs["sgd_xla_conv"] = (xla_loss[0], transforms["sgd"])
     runs: dict[str, Callable[[], Any]] = {}
     for label, (loss_fn, transform) in programs.items():
-        family = point.build(loss_fn, transform)
-        state = family.init(params, model_state)
-
-        def scanned(state, batch, keys, family=family):
-            return jax.lax.scan(lambda s, k: (family.update(k, s, batch)[0], None), state, keys)[0]
-
-        program = jax.jit(scanned).lower(state, batch, keys).compile()
-        runs[f"ours.{label}"] = functools.partial(program, state, batch, keys)
+        if ours is not None and label in ours:
+            runs[f"ours.{label}"] = ours[label]
+        else:
+            runs[f"ours.{label}"] = _compiled_steps(
+                loss_fn, transform, params, model_state, batch, keys
+            )
         if label not in transforms:
             continue
 
@@ -531,12 +546,14 @@ def run_suite(
         spec = specs[name]
         make = functools.partial(_make_module, name, spec)
         begin = time.perf_counter()
+        programs: dict[str, Callable[[], Any]] = {}
         steps_result = bench_transforms.bench_model(
             name,
             steps,
             repeats,
             only=set(transforms) | {"sam"},
             spec=(make, spec["shape"], spec["batch"]),
+            programs_out=programs,
         )
         flat.update({f"{name}.{k}": v for k, v in steps_result.items()})
         log(
@@ -571,7 +588,11 @@ def run_suite(
                 flat[f"{name}.bma_{key}"] = value
         log(f"{name}: BMA auto ({bma['auto_choice']}) / ideal {bma['auto_over_ideal']:.2f}")
         if use_torch and _torch_available():
-            compared = torch_comparison(name, spec, steps, config["torch_rounds"], torch_threads)
+            # the SGD and SAM programs just timed: the same model, batch, loss and transforms
+            ours = {label: programs[label] for label in ("sgd", "sam")}
+            compared = torch_comparison(
+                name, spec, steps, config["torch_rounds"], torch_threads, ours=ours
+            )
             for label in ("sgd", "sam"):
                 flat[f"{name}.torch.{label}_step_seconds"] = compared[f"torch.{label}_step_seconds"]
                 flat[f"{name}.{label}.over_torch"] = compared[f"{label}.over_torch"]

@@ -58,12 +58,15 @@ def _transforms(num_data: int) -> dict[str, optax.GradientTransformation]:
     }
 
 
-def _timed_interleaved(runs: dict, repeats: int) -> dict[str, tuple[float, float]]:
+def _timed_interleaved(
+    runs: dict, repeats: int, calls_out: dict | None = None
+) -> dict[str, tuple[float, float]]:
     """Median seconds and compile seconds per run, the runs timed in turn in every repeat.
 
     ``runs`` maps names to ``(fn, args)``. Round-robin timing spreads the load bursts of a
     shared machine over every run, so ratios between runs are much steadier than those of
-    back-to-back blocks.
+    back-to-back blocks. ``calls_out``, if given, receives each run's compiled program
+    bound to its arguments (a zero-argument callable), for reuse by later comparisons.
     """
     calls, compile_seconds = {}, {}
     for name, (fn, args) in runs.items():
@@ -73,6 +76,8 @@ def _timed_interleaved(runs: dict, repeats: int) -> dict[str, tuple[float, float
         calls[name] = functools.partial(compiled, *args)
         _require_finite(name, calls[name]())
     seconds = bench_bma.round_robin_medians(calls, repeats)
+    if calls_out is not None:
+        calls_out.update(calls)
     return {name: (seconds[name], compile_seconds[name]) for name in runs}
 
 
@@ -90,8 +95,14 @@ def _require_finite(name: str, output) -> None:
         )
 
 
-def bench_model(name: str, steps: int, repeats: int, only=None, spec=None) -> dict[str, float]:
-    """Step times of one model; ``spec=(make, shape, batch_size)`` overrides ``_MODELS[name]``."""
+def bench_model(
+    name: str, steps: int, repeats: int, only=None, spec=None, programs_out=None
+) -> dict[str, float]:
+    """Step times of one model; ``spec=(make, shape, batch_size)`` overrides ``_MODELS[name]``.
+
+    ``programs_out``, if given, receives the compiled runs as zero-argument callables (each
+    runs ``steps`` scanned steps), e.g. for :func:`experiments.bench.torch_comparison`.
+    """
     make, shape, batch_size = spec if spec is not None else _MODELS[name]
     module = make()
     apply_fn = models.make_apply(module)
@@ -178,7 +189,9 @@ def bench_model(name: str, steps: int, repeats: int, only=None, spec=None) -> di
     result = {}
     key = jax.random.key(3)
     timed = _timed_interleaved(
-        {run_name: (fn, (state, batch, key)) for run_name, (fn, state) in runs.items()}, repeats
+        {run_name: (fn, (state, batch, key)) for run_name, (fn, state) in runs.items()},
+        repeats,
+        calls_out=programs_out,
     )
     for run_name, (seconds, compile_seconds) in timed.items():
         result[f"{run_name}.step_seconds"] = seconds / steps
